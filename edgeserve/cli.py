@@ -1,0 +1,122 @@
+"""edgeserve serve | models prepare | bench"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgeserve.config import ServerSettings, default_cache_dir, default_models_path, load_models_file
+from edgeserve.errors import EdgeserveError
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"edgeserve: {name}={value!r} is not an integer") from None
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", type=Path, default=default_models_path(),
+                        help="models file (env EDGESERVE_MODELS; default ./models.toml)")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help="where prepared models go (env EDGESERVE_CACHE_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the configured models over the OpenAI API")
+    _add_common(serve)
+    serve.add_argument("--host", default=os.environ.get("EDGESERVE_HOST", "127.0.0.1"),
+                       help="bind address (env EDGESERVE_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=_env_int("EDGESERVE_PORT", 8080),
+                       help="port (env EDGESERVE_PORT; default 8080)")
+    serve.add_argument("--slots", type=int, default=_env_int("EDGESERVE_SLOTS", 1),
+                       help="generations at once across all variants (env EDGESERVE_SLOTS; default 1)")
+    serve.add_argument("--log-format", choices=["auto", "json", "console"],
+                       default=os.environ.get("EDGESERVE_LOG_FORMAT", "auto"))
+
+    models = commands.add_parser("models", help="manage model files")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    prepare = models_commands.add_parser(
+        "prepare", help="derive the configured quantizations (or those of --from FILE) and cache them")
+    _add_common(prepare)
+    prepare.add_argument("--from", dest="source", type=Path,
+                         help="a GGUF file of your own to derive variants from")
+    prepare.add_argument("--family", help="family name for --from (for example llama31-8b)")
+    prepare.add_argument("--quants", default="Q2_K,Q8_0", help="comma-separated, for --from")
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "models":
+            return _prepare(args)
+    except EdgeserveError as exc:
+        print(f"edgeserve: {exc.message}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from edgeserve.runtime.prepare import prepare_from_file, prepare_models, sha256_of
+
+    if args.source is not None:
+        if not args.family:
+            raise SystemExit("edgeserve: --from needs --family NAME")
+        quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
+        results = prepare_from_file(args.source, args.family, quants, args.cache_dir, print)
+        print(f"\n# add to {args.models}:\n[[families]]\nname = \"{args.family}\"")
+        print(f"source = \"{args.source.resolve()}\"\nsource_sha256 = \"{sha256_of(args.source)}\"")
+        for quant in results:
+            print(f"\n[[families.variants]]\nname = \"{quant.lower()}\"\nquant = \"{quant}\"")
+        return 0
+    models = load_models_file(args.models)
+    prepared = prepare_models(models, args.models.resolve().parent, args.cache_dir, print)
+    for item in prepared.values():
+        print(f"{item.variant_id:28s} {item.action:8s} {item.path}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from edgeserve.http.app import create_app
+    from edgeserve.logging import configure_logging, get_logger
+    from edgeserve.runtime.prepare import prepare_models
+    from edgeserve.runtime.registry import ModelRegistry
+    from edgeserve.runtime.scheduler import Scheduler
+    from edgeserve.service import Engine
+
+    settings = ServerSettings(models_path=args.models, cache_dir=args.cache_dir, host=args.host,
+                              port=args.port, slots=args.slots, log_format=args.log_format)
+    if settings.slots < 1:
+        raise SystemExit("edgeserve: --slots must be at least 1")
+    configure_logging(settings.log_format)
+    log = get_logger("edgeserve")
+    models = load_models_file(settings.models_path)
+    prepared = prepare_models(models, settings.models_path.resolve().parent, settings.cache_dir,
+                              lambda line: log.info("prepare", detail=line))
+    engine = Engine(ModelRegistry(models, prepared), Scheduler(settings.slots))
+    app = create_app(engine)
+    log.info("serving", host=settings.host, port=settings.port, slots=settings.slots,
+             variants=list(prepared))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                log_level="warning", timeout_graceful_shutdown=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""models.toml and server settings as msgspec Structs; a bad file fails naming the file and field."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import platformdirs
+
+from edgeserve.errors import ConfigError
+
+PACKAGE_SCHEME = "package://"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, max_length=64)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class VariantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """One GGUF quantization of a family: either an explicit `path` or a `quant` derived
+    from the family's source by `edgeserve models prepare`."""
+
+    name: Name
+    quant: str | None = None
+    path: str | None = None
+    n_ctx: Annotated[int, msgspec.Meta(ge=64, le=1_048_576)] = 2048
+    n_threads: PositiveInt | None = None
+    n_batch: PositiveInt = 512
+    chat_template: str | None = None
+
+    @property
+    def threads(self) -> int:
+        return self.n_threads or os.cpu_count() or 1
+
+
+class FamilyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """A model family: its variants answer the same questions at different cost and quality."""
+
+    name: Name
+    variants: list[VariantConfig]
+    default_variant: str | None = None
+    source: str | None = None
+    source_sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+    source_quant: str | None = None
+
+    def variant(self, name: str) -> VariantConfig | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+    @property
+    def default(self) -> VariantConfig:
+        return self.variant(self.default_variant or "") or self.variants[0]
+
+
+class ModelsFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    families: list[FamilyConfig]
+
+
+def load_models_file(path: Path) -> ModelsFile:
+    """Read and validate models.toml; every problem is a ConfigError naming the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read models file {path}: {exc.strerror or exc}") from exc
+    try:
+        models = msgspec.toml.decode(raw, type=ModelsFile)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {_explain(str(exc))}") from exc
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    _check_consistency(path, models)
+    return models
+
+
+def _explain(message: str) -> str:
+    """Turn msgspec's `... - at `$.families[0].variants[1]`` into a friendlier location."""
+    match = re.search(r" - at `\$\.?(.*)`$", message)
+    if not match:
+        return message
+    where = match.group(1) or "top level"
+    return f"at {where}: {message[: match.start()]}"
+
+
+def _check_consistency(path: Path, models: ModelsFile) -> None:
+    if not models.families:
+        raise ConfigError(f"{path}: at families: expected at least one family")
+    seen_families: set[str] = set()
+    for i, family in enumerate(models.families):
+        where = f"{path}: at families[{i}]"
+        if family.name in seen_families:
+            raise ConfigError(f"{where}.name: family '{family.name}' is defined twice")
+        seen_families.add(family.name)
+        if not family.variants:
+            raise ConfigError(f"{where}.variants: expected at least one variant")
+        names = [v.name for v in family.variants]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}.variants: variant names must be unique, got {names}")
+        if family.default_variant is not None and family.default_variant not in names:
+            raise ConfigError(
+                f"{where}.default_variant: '{family.default_variant}' is not one of {names}"
+            )
+        for j, variant in enumerate(family.variants):
+            vwhere = f"{where}.variants[{j}]"
+            if (variant.path is None) == (variant.quant is None):
+                raise ConfigError(
+                    f"{vwhere}: give exactly one of `path` (a GGUF file) or `quant` "
+                    "(derived from the family's `source` by `edgeserve models prepare`)"
+                )
+            if variant.quant is not None and family.source is None:
+                raise ConfigError(
+                    f"{vwhere}.quant: variant '{variant.name}' is derived (quant = "
+                    f"'{variant.quant}') but family '{family.name}' has no `source`"
+                )
+
+
+def resolve_path(base: Path, value: str) -> Path:
+    """Paths in models.toml are relative to the file that names them; `~` expands."""
+    candidate = Path(value).expanduser()
+    return candidate if candidate.is_absolute() else (base / candidate).resolve()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EDGESERVE_CACHE_DIR") or platformdirs.user_cache_dir("edgeserve"))
+
+
+def default_models_path() -> Path:
+    return Path(os.environ.get("EDGESERVE_MODELS", "models.toml"))
+
+
+class ServerSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Settings of one `edgeserve serve`; passed down, never global."""
+
+    models_path: Path
+    cache_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    slots: int = 1
+    log_format: str = "auto"

@@ -1,0 +1,196 @@
+"""The litestar application: routes, lifespan (model loading), error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.response import Stream
+
+from edgeserve.errors import EdgeserveError
+from edgeserve.http.errors import handle_domain_error, handle_http_exception, handle_unexpected
+from edgeserve.http.parse import parse_chat, parse_completion
+from edgeserve.http.responses import ChunkEncoder, CompletionContext, full_body
+from edgeserve.http.schemas import ModelCard, ModelList
+from edgeserve.logging import get_logger
+from edgeserve.runtime.runner import Generation
+from edgeserve.service import Engine, InferenceRequest
+
+log = get_logger("edgeserve.http")
+_encoder = msgspec.json.Encoder()
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def _engine(request: Request[Any, Any, Any]) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def _request_id(request: Request[Any, Any, Any]) -> str:
+    given = request.headers.get("x-request-id", "")
+    request_id = given if given.isascii() and given.isprintable() and 0 < len(given) <= 64 else uuid.uuid4().hex
+    request.scope.setdefault("state", {})["request_id"] = request_id
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    return request_id
+
+
+@post("/v1/chat/completions", status_code=200, summary="Chat completion (OpenAI-compatible)")
+async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    wire, domain = parse_chat(await request.body())
+    include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
+    return await _complete(request, "chat", domain, wire.stream, include_usage)
+
+
+@post("/v1/completions", status_code=200, summary="Text completion (OpenAI-compatible)")
+async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    wire, domain = parse_completion(await request.body())
+    include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
+    return await _complete(request, "text", domain, wire.stream, include_usage)
+
+
+async def _complete(
+    request: Request[Any, Any, Any], kind: str, domain: InferenceRequest, stream: bool, include_usage: bool
+) -> Response[bytes] | Stream:
+    arrived = time.perf_counter()
+    request_id = _request_id(request)
+    engine = _engine(request)
+    admission = await engine.admit(domain)
+    ctx = CompletionContext(request_id, kind, admission, arrived)
+    if stream:
+        return Stream(_stream(engine, ctx, include_usage, _client(request)),
+                      media_type="text/event-stream",
+                      headers={**ctx.headers(), "Cache-Control": "no-cache"})
+    generation, ctx.queue_ms = await engine.start(admission)
+    try:
+        text = await generation.text()
+    finally:
+        generation.cancel()  # no-op once finished; stops the token loop if we were cancelled
+    assert generation.result is not None
+    _log_outcome(ctx, generation, _client(request))
+    return Response(full_body(ctx, text, generation.result), media_type="application/json",
+                    headers=ctx.headers())
+
+
+async def _stream(engine: Engine, ctx: CompletionContext, include_usage: bool, client: str) -> AsyncIterator[bytes]:
+    """Waits for its slot inside the stream, so a client leaving while queued is noticed too."""
+    chunks = ChunkEncoder(ctx)
+    first = chunks.first()
+    if first is not None:
+        yield first
+    generation, ctx.queue_ms = await engine.start(ctx.admission)
+    try:
+        async for piece in generation:
+            yield chunks.piece(piece)
+        assert generation.result is not None
+        yield chunks.last(generation.result, include_usage)
+    finally:
+        # A disconnect cancels this generator at a `yield`; the token loop sees the flag
+        # before its next decode step.
+        generation.cancel()
+        _log_outcome(ctx, generation, client)
+
+
+def _client(request: Request[Any, Any, Any]) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown"
+
+
+def _log_outcome(ctx: CompletionContext, generation: Generation, client: str) -> None:
+    result = generation.result
+    log.info(
+        "completion",
+        request_id=ctx.request_id,
+        variant=ctx.admission.variant_id,
+        budget_tokens=ctx.admission.budget_tokens,
+        queue_ms=round(ctx.queue_ms, 1),
+        actual_ms=round((time.perf_counter() - ctx.arrived) * 1000, 1),
+        prompt_tokens=ctx.admission.job.prompt_tokens.__len__(),
+        completion_tokens=result.predicted_n if result else None,
+        finish=result.finish if result else "cancelled",
+        client=client,
+    )
+
+
+@get("/v1/models", summary="Families (routed) and their variants (pinned)")
+async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
+    registry = _engine(request).registry
+    started = request.app.state.started_at
+    cards: list[ModelCard] = []
+    for family in registry.models.families:
+        cards.append(ModelCard(
+            id=family.name, created=started, owned_by="edgeserve", kind="family",
+            variants=[f"{family.name}:{v.name}" for v in family.variants],
+        ))
+        for variant in family.variants:
+            runner = registry.runners[f"{family.name}:{variant.name}"]
+            cards.append(ModelCard(
+                id=runner.variant_id, created=started, owned_by="edgeserve", kind="variant",
+                family=family.name, quant=variant.quant, path=str(runner.path),
+                n_ctx=variant.n_ctx, loaded=runner.loaded,
+            ))
+    return Response(_encoder.encode(ModelList(cards)), media_type="application/json")
+
+
+@get("/health", summary="Liveness: the process answers")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/ready", summary="Readiness: 503 until every variant is loaded")
+async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
+    registry = _engine(request).registry
+    if request.app.state.load_error is not None:
+        return Response({"status": "failed", "error": request.app.state.load_error}, status_code=503)
+    if not registry.ready:
+        return Response({"status": "loading", "detail": registry.loading_status()}, status_code=503,
+                        headers={"Retry-After": "1"})
+    return Response({"status": "ready", "detail": registry.loading_status()})
+
+
+def create_app(engine: Engine, *, max_body_bytes: int = MAX_BODY_BYTES) -> Litestar:
+    """Models load in the background after start-up, so /health answers at once and /ready
+    says 503 until every variant is loaded."""
+
+    @asynccontextmanager
+    async def load_models(app: Litestar) -> AsyncIterator[None]:
+        async def load() -> None:
+            try:
+                await engine.registry.load_all(
+                    lambda r: log.info("variant_loaded", variant=r.variant_id, load_ms=round(r.load_ms or 0, 1))
+                )
+                log.info("ready", detail=engine.registry.loading_status())
+            except EdgeserveError as exc:
+                app.state.load_error = exc.message
+                log.error("load_failed", error=exc.message)
+
+        task = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            task.cancel()
+            engine.registry.close()
+
+    app = Litestar(
+        route_handlers=[chat_completions, completions, list_models, health, ready],
+        lifespan=[load_models],
+        exception_handlers={
+            EdgeserveError: handle_domain_error,
+            HTTPException: handle_http_exception,
+            Exception: handle_unexpected,
+        },
+        openapi_config=OpenAPIConfig(title="edgeserve", version="0.1.0", path="/schema"),
+        request_max_body_size=max_body_bytes,
+        debug=False,
+    )
+    app.state.engine = engine
+    app.state.started_at = int(time.time())
+    app.state.load_error = None
+    return app

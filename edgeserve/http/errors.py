@@ -1,0 +1,90 @@
+"""The one place where domain errors become HTTP responses in the OpenAI error format."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from edgeserve.errors import (
+    ContextLengthExceededError,
+    EdgeserveError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotReadyError,
+)
+from edgeserve.http.schemas import ErrorBody, ErrorResponse
+from edgeserve.logging import get_logger
+
+log = get_logger("edgeserve.http")
+_encoder = msgspec.json.Encoder()
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[bytes]:
+    body = ErrorResponse(ErrorBody(message, ERROR_TYPES.get(status, "invalid_request_error"), param, code))
+    return Response(_encoder.encode(body), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def status_of(error: EdgeserveError) -> int:
+    if isinstance(error, ModelNotFoundError):
+        return 404
+    if isinstance(error, ContextLengthExceededError | InvalidRequestError):
+        return 400
+    if isinstance(error, NotReadyError):
+        return 503
+    return 500
+
+
+def handle_domain_error(request: Request[Any, Any, Any], error: EdgeserveError) -> Response[bytes]:
+    status = status_of(error)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    if status >= 500:
+        log.error("request_failed", error=error.message, path=request.url.path)
+    return error_response(status, error.message, param=error.param, code=error.code, headers=headers)
+
+
+def handle_http_exception(request: Request[Any, Any, Any], error: HTTPException) -> Response[bytes]:
+    """Litestar's own errors (unknown route, wrong method, body too large) in the OpenAI format."""
+    status = error.status_code
+    message = str(error.detail)
+    if status == 404:
+        message = f"No route {request.method} {request.url.path}; see /schema for the API."
+    elif status == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}."
+    elif status == 413:
+        message = f"The request body is too large: {error.detail}."
+    return error_response(status, message, code=None, headers=getattr(error, "headers", None))
+
+
+def handle_unexpected(request: Request[Any, Any, Any], error: Exception) -> Response[bytes]:
+    """A bug, not bad input: logged with its traceback, answered without one."""
+    request_id = request.scope.get("state", {}).get("request_id", "unknown")
+    log.exception("unhandled_error", path=request.url.path, request_id=request_id)
+    return error_response(
+        500,
+        f"Internal error while serving request {request_id}; the server keeps serving. "
+        "Report this id to the operator.",
+        code="internal_error",
+    )

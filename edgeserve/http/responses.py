@@ -1,0 +1,155 @@
+"""Build OpenAI response bodies and SSE frames from a finished or running generation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from edgeserve.http.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChunkChoice,
+    Delta,
+    EdgeserveInfo,
+    FinishReason,
+    TextChoice,
+    TextCompletion,
+    Timings,
+    Usage,
+)
+from edgeserve.runtime.runner import GenerationResult
+from edgeserve.service import Admission
+
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass
+class CompletionContext:
+    """Everything a response needs besides the text: ids, timing and the admission."""
+
+    request_id: str
+    kind: str  # "chat" or "text"
+    admission: Admission
+    arrived: float  # time.perf_counter() at arrival
+    queue_ms: float = 0.0
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.created = int(time.time())
+
+    @property
+    def response_id(self) -> str:
+        return f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{self.request_id}"
+
+    @property
+    def model(self) -> str:
+        return self.admission.variant_id
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-Request-Id": self.request_id,
+            "X-Edgeserve-Variant": self.admission.variant_id,
+            "X-Edgeserve-Budget-Tokens": str(self.admission.budget_tokens),
+        }
+
+
+def finish_reason(result: GenerationResult) -> FinishReason:
+    """OpenAI knows only `stop` and `length`; the edgeserve object says what really happened."""
+    return "stop" if result.finish == "stop" else "length"
+
+
+def usage_of(result: GenerationResult) -> Usage:
+    return Usage(result.prompt_n, result.predicted_n, result.prompt_n + result.predicted_n)
+
+
+def timings_of(result: GenerationResult) -> Timings:
+    return Timings(result.prompt_n, round(result.prompt_ms, 3), result.predicted_n,
+                   round(result.predicted_ms, 3))
+
+
+def info_of(ctx: CompletionContext, result: GenerationResult) -> EdgeserveInfo:
+    return EdgeserveInfo(
+        variant=ctx.admission.variant_id,
+        finish=result.finish,
+        queue_ms=round(ctx.queue_ms, 3),
+        actual_ms=round((time.perf_counter() - ctx.arrived) * 1000, 3),
+        budget_tokens=ctx.admission.budget_tokens,
+    )
+
+
+def full_body(ctx: CompletionContext, text: str, result: GenerationResult) -> bytes:
+    if ctx.kind == "chat":
+        return _encoder.encode(ChatCompletion(
+            id=ctx.response_id, created=ctx.created, model=ctx.model,
+            choices=[ChatChoice(0, AssistantMessage(text), finish_reason(result))],
+            usage=usage_of(result), edgeserve=info_of(ctx, result), timings=timings_of(result),
+        ))
+    return _encoder.encode(TextCompletion(
+        id=ctx.response_id, created=ctx.created, model=ctx.model,
+        choices=[TextChoice(0, text, finish_reason(result))],
+        usage=usage_of(result), edgeserve=info_of(ctx, result), timings=timings_of(result),
+    ))
+
+
+def sse(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+class ChunkEncoder:
+    """SSE frames of one stream; encoders are built once and reused per token."""
+
+    def __init__(self, ctx: CompletionContext) -> None:
+        self.ctx = ctx
+
+    def first(self) -> bytes | None:
+        """Chat streams open with the assistant role, like OpenAI's."""
+        if self.ctx.kind != "chat":
+            return None
+        return sse(_encoder.encode(ChatCompletionChunk(
+            id=self.ctx.response_id, created=self.ctx.created, model=self.ctx.model,
+            choices=[ChunkChoice(0, Delta(role="assistant", content=""))],
+        )))
+
+    def piece(self, text: str) -> bytes:
+        ctx = self.ctx
+        if ctx.kind == "chat":
+            return sse(_encoder.encode(ChatCompletionChunk(
+                id=ctx.response_id, created=ctx.created, model=ctx.model,
+                choices=[ChunkChoice(0, Delta(content=text))],
+            )))
+        return sse(_encoder.encode(TextCompletion(
+            id=ctx.response_id, created=ctx.created, model=ctx.model,
+            choices=[TextChoice(0, text, None)],
+        )))
+
+    def last(self, result: GenerationResult, include_usage: bool) -> bytes:
+        """The finishing chunk carries finish_reason, the edgeserve object and timings;
+        with stream_options.include_usage a usage-only chunk follows, as OpenAI sends it."""
+        ctx = self.ctx
+        info, timings = info_of(ctx, result), timings_of(result)
+        if ctx.kind == "chat":
+            final = _encoder.encode(ChatCompletionChunk(
+                id=ctx.response_id, created=ctx.created, model=ctx.model,
+                choices=[ChunkChoice(0, Delta(), finish_reason(result))],
+                edgeserve=info, timings=timings,
+            ))
+            usage_chunk = ChatCompletionChunk(id=ctx.response_id, created=ctx.created,
+                                              model=ctx.model, choices=[], usage=usage_of(result))
+        else:
+            final = _encoder.encode(TextCompletion(
+                id=ctx.response_id, created=ctx.created, model=ctx.model,
+                choices=[TextChoice(0, "", finish_reason(result))], edgeserve=info, timings=timings,
+            ))
+            usage_chunk = TextCompletion(id=ctx.response_id, created=ctx.created, model=ctx.model,
+                                         choices=[], usage=usage_of(result))
+        frames = sse(final)
+        if include_usage:
+            frames += sse(_encoder.encode(usage_chunk))
+        return frames + DONE

@@ -1,0 +1,255 @@
+"""One llama.cpp context per variant, driven by its own thread.
+
+`submit` returns a `Generation`: an async iterator of text pieces fed from the variant's thread.
+llama.cpp releases the GIL while decoding, so the event loop stays free. The token loop checks
+the cancel flag before every decode step, so a cancelled generation stops within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edgeserve.config import VariantConfig
+from edgeserve.errors import ContextLengthExceededError, GenerationFailedError, ModelPreparationError
+from edgeserve.runtime.stops import StopMatcher
+
+Finish = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationResult:
+    """What happened, with llama-server-style timings (milliseconds)."""
+
+    finish: Finish
+    prompt_n: int
+    prompt_ms: float
+    predicted_n: int
+    predicted_ms: float
+    token_ms: list[float] = field(default_factory=list)
+
+
+class Generation:
+    """A running generation. Iterate for text pieces; `result` is set once iteration ends."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[str | GenerationResult | BaseException] = asyncio.Queue()
+        self._cancel = threading.Event()
+        self.result: GenerationResult | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def _emit(self, item: str | GenerationResult | BaseException) -> None:
+        """Called from the variant's thread."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, str):
+                yield item
+            elif isinstance(item, GenerationResult):
+                self.result = item
+                return
+            else:
+                raise GenerationFailedError(f"generation failed: {item}") from item
+
+    async def text(self) -> str:
+        return "".join([piece async for piece in self])
+
+
+class LlamaRunner:
+    """A loaded GGUF variant and the one thread that touches its context."""
+
+    def __init__(self, variant_id: str, path: Path, config: VariantConfig) -> None:
+        self.variant_id = variant_id
+        self.path = path
+        self.config = config
+        self.loaded = False
+        self.load_ms: float | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"runner-{variant_id}")
+        self._llm: Any = None
+        self._formatter: Any = None
+
+    @property
+    def n_ctx(self) -> int:
+        return self.config.n_ctx
+
+    @property
+    def file_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    async def load(self) -> None:
+        await asyncio.wrap_future(self._executor.submit(self._load))
+
+    def _load(self) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        started = time.perf_counter()
+        try:
+            llm = Llama(
+                model_path=str(self.path),
+                n_ctx=self.config.n_ctx,
+                n_batch=self.config.n_batch,
+                n_threads=self.config.threads,
+                n_threads_batch=self.config.threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ModelPreparationError(f"variant {self.variant_id}: cannot load {self.path}: {exc}") from exc
+        template = self.config.chat_template or llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelPreparationError(
+                f"variant {self.variant_id}: {self.path} has no chat template in its metadata; "
+                "set `chat_template` for this variant in models.toml"
+            )
+        eos, bos = llm.token_eos(), llm.token_bos()
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+        )
+        self._llm = llm
+        self.load_ms = (time.perf_counter() - started) * 1000
+        self.loaded = True
+
+    # ---- prompts ---------------------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The exact prompt text the model sees for these messages (its chat template)."""
+        try:
+            return str(self._formatter(messages=messages).prompt)
+        except Exception as exc:  # jinja raise_exception in templates, e.g. role order rules
+            from edgeserve.errors import InvalidRequestError
+
+            raise InvalidRequestError(
+                f"the chat template of {self.variant_id} rejected the messages: {exc}", param="messages"
+            ) from exc
+
+    def tokenize(self, text: str, *, chat: bool) -> list[int]:
+        """Chat prompts carry their own special tokens; raw completions get a BOS like llama.cpp."""
+        tokens: list[int] = self._llm.tokenize(text.encode("utf-8"), add_bos=not chat, special=chat)
+        return tokens
+
+    def check_fits(self, prompt_n: int) -> None:
+        if prompt_n + 1 > self.n_ctx:
+            raise ContextLengthExceededError(prompt_n, self.n_ctx, self.variant_id)
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def submit(self, job: GenerationJob, on_done: Callable[[], None] | None = None) -> Generation:
+        """Queue a job on this variant's thread; `on_done` runs (in that thread) when it ends."""
+        generation = Generation(asyncio.get_running_loop())
+        future = self._executor.submit(self._generate, job, generation)
+        if on_done is not None:
+            future.add_done_callback(lambda _: on_done())
+        return generation
+
+    def _generate(self, job: GenerationJob, generation: Generation) -> None:
+        try:
+            generation._emit(self._token_loop(job, generation))
+        except BaseException as exc:
+            generation._emit(exc)
+
+    def _token_loop(self, job: GenerationJob, generation: Generation) -> GenerationResult:
+        import llama_cpp
+
+        llm, s = self._llm, job.sampling
+        llm.set_seed(s.seed if s.seed is not None else random.getrandbits(32))
+        max_tokens = min(job.max_tokens, self.n_ctx - len(job.prompt_tokens))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopMatcher(list(job.stop))
+        vocab = llm._model.vocab
+        started = last = time.perf_counter()
+        prompt_ms = 0.0
+        token_ms: list[float] = []
+        n_generated = 0
+        finish: Finish = "length"
+        if generation.cancelled:
+            return GenerationResult("cancelled", len(job.prompt_tokens), 0.0, 0, 0.0)
+        tokens = llm.generate(
+            job.prompt_tokens,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            temp=s.temperature,
+            repeat_penalty=s.repeat_penalty,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+        )
+        for token in tokens:
+            now = time.perf_counter()
+            if last == started:
+                prompt_ms = (now - started) * 1000  # prefill + first sample
+            else:
+                token_ms.append((now - last) * 1000)
+            last = now
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            n_generated += 1
+            piece = stops.feed(decoder.decode(llm.detokenize([token])))
+            if piece:
+                generation._emit(piece)
+            if stops.stopped:
+                finish = "stop"
+                break
+            if n_generated >= max_tokens:
+                break
+            if generation.cancelled:
+                finish = "cancelled"
+                break
+        tokens.close()
+        tail = stops.flush() + decoder.decode(b"", final=True)
+        if tail and finish != "cancelled":
+            generation._emit(tail)
+        return GenerationResult(
+            finish=finish,
+            prompt_n=len(job.prompt_tokens),
+            prompt_ms=prompt_ms,
+            predicted_n=n_generated,
+            predicted_ms=sum(token_ms),
+            token_ms=token_ms,
+        )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+            self.loaded = False
