@@ -39,6 +39,11 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         raise InvalidRequestError(
             f"The request body is not valid JSON ({exc}); send a JSON object in UTF-8."
         ) from exc
+    except UnicodeDecodeError as exc:  # msgspec raises this (not DecodeError) for bad UTF-8
+        raise InvalidRequestError(
+            f"The request body is not valid UTF-8 (byte {exc.start}: {exc.reason}); "
+            "send a JSON object in UTF-8."
+        ) from exc
 
 
 def _sampling(wire: SamplingFields) -> SamplingParams:
