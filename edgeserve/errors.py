@@ -60,3 +60,11 @@ class NotReadyError(EdgeserveError):
 
 class GenerationFailedError(EdgeserveError):
     """The runtime failed while generating (not the client's fault)."""
+
+
+class RefusedError(EdgeserveError):
+    """The request cannot be served in time or the queue is full; the client may retry later."""
+
+    def __init__(self, message: str, *, code: str, retry_after_s: int) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = max(1, retry_after_s)

@@ -4,7 +4,7 @@ check it fits, wait for a slot. No HTTP here, so the same path serves tests and 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgeserve.errors import InvalidRequestError, NotReadyError
 from edgeserve.runtime.registry import ModelRegistry
@@ -20,7 +20,7 @@ class InferenceRequest:
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     max_tokens: int | None = None
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
 
 
@@ -51,6 +51,9 @@ class Engine:
         variant_id = target.variant_id(variant)
         runner = self.registry.runner(variant_id)
         prompt_text, tokens = await asyncio.to_thread(self._prompt, runner, request)
+        if not tokens:  # llama.cpp cannot decode zero tokens
+            raise InvalidRequestError("The prompt is empty; send at least one character of text.",
+                                      param="prompt")
         runner.check_fits(len(tokens))
         room = runner.n_ctx - len(tokens)
         max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)

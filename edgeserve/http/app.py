@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
 
-from edgeserve.errors import EdgeserveError
+from edgeserve.errors import EdgeserveError, GenerationFailedError
 from edgeserve.http.errors import handle_domain_error, handle_http_exception, handle_unexpected
 from edgeserve.http.parse import parse_chat, parse_completion
 from edgeserve.http.responses import ChunkEncoder, CompletionContext, full_body
@@ -87,16 +88,36 @@ async def _stream(engine: Engine, ctx: CompletionContext, include_usage: bool, c
     if first is not None:
         yield first
     generation, ctx.queue_ms = await engine.start(ctx.admission)
+    failed = False
     try:
         async for piece in generation:
             yield chunks.piece(piece)
         assert generation.result is not None
         yield chunks.last(generation.result, include_usage)
+    except GenerationFailedError:
+        failed = True
+        raise
     finally:
         # A disconnect cancels this generator at a `yield`; the token loop sees the flag
         # before its next decode step.
         generation.cancel()
-        _log_outcome(ctx, generation, client)
+        if generation.result is None and not failed:
+            # The token loop is still stopping: log what it really did once it reports.
+            task = asyncio.create_task(_log_when_done(ctx, generation, client))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+        else:
+            _log_outcome(ctx, generation, client)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+async def _log_when_done(ctx: CompletionContext, generation: Generation, client: str) -> None:
+    with contextlib.suppress(GenerationFailedError):  # logged as cancelled like before
+        async for _ in generation:  # the pieces it made before it saw the cancel flag
+            pass
+    _log_outcome(ctx, generation, client)
 
 
 def _client(request: Request[Any, Any, Any]) -> str:

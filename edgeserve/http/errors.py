@@ -14,6 +14,7 @@ from edgeserve.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     NotReadyError,
+    RefusedError,
 )
 from edgeserve.http.schemas import ErrorBody, ErrorResponse
 from edgeserve.logging import get_logger
@@ -54,12 +55,16 @@ def status_of(error: EdgeserveError) -> int:
         return 400
     if isinstance(error, NotReadyError):
         return 503
+    if isinstance(error, RefusedError):
+        return 429
     return 500
 
 
 def handle_domain_error(request: Request[Any, Any, Any], error: EdgeserveError) -> Response[bytes]:
     status = status_of(error)
     headers = {"Retry-After": "1"} if status == 503 else None
+    if isinstance(error, RefusedError):
+        headers = {"Retry-After": str(error.retry_after_s)}
     if status >= 500:
         log.error("request_failed", error=error.message, path=request.url.path)
     return error_response(status, error.message, param=error.param, code=error.code, headers=headers)

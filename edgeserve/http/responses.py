@@ -134,6 +134,7 @@ class ChunkEncoder:
         with stream_options.include_usage a usage-only chunk follows, as OpenAI sends it."""
         ctx = self.ctx
         info, timings = info_of(ctx, result), timings_of(result)
+        usage_chunk: ChatCompletionChunk | TextCompletion
         if ctx.kind == "chat":
             final = _encoder.encode(ChatCompletionChunk(
                 id=ctx.response_id, created=ctx.created, model=ctx.model,

@@ -19,10 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgeserve.config import VariantConfig
-from edgeserve.errors import ContextLengthExceededError, GenerationFailedError, ModelPreparationError
+from edgeserve.errors import (
+    ContextLengthExceededError,
+    GenerationFailedError,
+    ModelPreparationError,
+)
 from edgeserve.runtime.stops import StopMatcher
 
-Finish = Literal["stop", "length", "cancelled"]
+Finish = Literal["stop", "length", "deadline", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class GenerationJob:
     max_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # calibration and benchmarks need a fixed number of tokens
+    deadline_at: float | None = None  # time.perf_counter() by which the last token must be out
 
 
 @dataclass
@@ -90,6 +96,13 @@ class Generation:
 
     async def text(self) -> str:
         return "".join([piece async for piece in self])
+
+
+def _next_token_s(token_ms: list[float]) -> float:
+    """What the next token will likely cost: the slowest of the last few, so a deadline is
+    not overrun by a token that takes a little longer than the one before."""
+    recent = token_ms[-4:]
+    return (max(recent) if recent else 0.0) / 1000
 
 
 class LlamaRunner:
@@ -172,7 +185,7 @@ class LlamaRunner:
 
     # ---- generation ------------------------------------------------------------------------
 
-    def submit(self, job: GenerationJob, on_done: Callable[[], None] | None = None) -> Generation:
+    def submit(self, job: GenerationJob, on_done: Callable[[], object] | None = None) -> Generation:
         """Queue a job on this variant's thread; `on_done` runs (in that thread) when it ends."""
         generation = Generation(asyncio.get_running_loop())
         future = self._executor.submit(self._generate, job, generation)
@@ -219,7 +232,7 @@ class LlamaRunner:
             else:
                 token_ms.append((now - last) * 1000)
             last = now
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
+            if not job.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
                 finish = "stop"
                 break
             n_generated += 1
@@ -230,6 +243,9 @@ class LlamaRunner:
                 finish = "stop"
                 break
             if n_generated >= max_tokens:
+                break
+            if job.deadline_at is not None and now + _next_token_s(token_ms) > job.deadline_at:
+                finish = "deadline"
                 break
             if generation.cancelled:
                 finish = "cancelled"

@@ -1,56 +1,105 @@
-"""CPU slots: how many generations run at once across all variants (one by default).
+"""CPU slots, shared by all variants and handed out earliest-deadline-first.
 
-A request waits for a slot in arrival order instead of interrupting the running generation;
-two generations at once on a 4-core board only make both late.
+One generation runs at a time by default: two at once on a 4-core board only make both late.
+Requests without a deadline sort after every request with one. A request waits for its slot
+instead of interrupting the running generation; the slot is released by the runner's thread
+when the job really ends, so a client that goes away cannot leave a slot held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import math
 import time
+from dataclasses import dataclass, field
 
+from edgeserve.errors import RefusedError
 from edgeserve.runtime.runner import Generation, GenerationJob, LlamaRunner
 
 
+@dataclass(order=True)
+class _Ticket:
+    deadline_key: float
+    seq: int
+    predicted_ms: float = field(compare=False)
+    granted: asyncio.Future[None] = field(compare=False)
+
+
 class Scheduler:
-    def __init__(self, slots: int = 1) -> None:
+    def __init__(self, slots: int = 1, max_queue: int = 64) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self.slots = slots
-        self._free = asyncio.Semaphore(slots)
-        self._waiting = 0
-        self._running = 0
+        self.max_queue = max_queue
+        self._free = slots
+        self._waiting: list[_Ticket] = []
+        self._running: dict[int, tuple[float, float]] = {}  # seq -> (started, predicted_ms)
+        self._seq = itertools.count()
 
     @property
     def queue_depth(self) -> int:
-        return self._waiting
+        return len(self._waiting)
 
     @property
     def running(self) -> int:
-        return self._running
+        return len(self._running)
 
-    async def start(self, runner: LlamaRunner, job: GenerationJob) -> tuple[Generation, float]:
-        """Wait for a slot, then start the job; returns the generation and the ms spent waiting.
+    def wait_estimate_ms(self, deadline_at: float | None) -> float:
+        """Predicted wait for a request with this deadline: what runs now plus what would be
+        served before it, spread over the slots."""
+        now = time.perf_counter()
+        key = math.inf if deadline_at is None else deadline_at
+        running = sum(max(0.0, predicted - (now - started) * 1000)
+                      for started, predicted in self._running.values())
+        ahead = sum(t.predicted_ms for t in self._waiting if t.deadline_key <= key)
+        busy = running + ahead
+        if self._free > 0 and not self._waiting:
+            return 0.0
+        return busy / self.slots
 
-        The slot is released by the runner's thread when the job really ends, so a client that
-        goes away cannot leave a slot held or a second generation running beside the first.
-        """
+    async def start(self, runner: LlamaRunner, job: GenerationJob, predicted_ms: float = 0.0
+                    ) -> tuple[Generation, float]:
+        """Wait for a slot (earliest deadline first), then start the job on its runner.
+        Returns the generation and the milliseconds spent waiting."""
         queued = time.perf_counter()
-        self._waiting += 1
-        try:
-            await self._free.acquire()
-        finally:
-            self._waiting -= 1
+        seq = next(self._seq)
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            if len(self._waiting) >= self.max_queue:
+                raise RefusedError(
+                    f"The queue is full ({self.max_queue} requests waiting); retry shortly.",
+                    code="queue_full", retry_after_s=math.ceil(self.wait_estimate_ms(None) / 1000))
+            ticket = _Ticket(math.inf if job.deadline_at is None else job.deadline_at, seq,
+                             predicted_ms, asyncio.get_running_loop().create_future())
+            heapq.heappush(self._waiting, ticket)
+            try:
+                await ticket.granted
+            except asyncio.CancelledError:
+                if ticket.granted.done() and not ticket.granted.cancelled():
+                    self._release(None)  # the slot was handed over just as we left: pass it on
+                else:
+                    self._waiting.remove(ticket)
+                    heapq.heapify(self._waiting)
+                raise
         queue_ms = (time.perf_counter() - queued) * 1000
+        self._running[seq] = (time.perf_counter(), predicted_ms)
         loop = asyncio.get_running_loop()
-        self._running += 1
         try:
-            generation = runner.submit(job, on_done=lambda: loop.call_soon_threadsafe(self._release))
+            generation = runner.submit(job, on_done=lambda: loop.call_soon_threadsafe(self._release, seq))
         except BaseException:
-            self._release()
+            self._release(seq)
             raise
         return generation, queue_ms
 
-    def _release(self) -> None:
-        self._running -= 1
-        self._free.release()
+    def _release(self, seq: int | None) -> None:
+        if seq is not None:
+            self._running.pop(seq, None)
+        while self._waiting:
+            ticket = heapq.heappop(self._waiting)
+            if not ticket.granted.done():
+                ticket.granted.set_result(None)
+                return
+        self._free += 1

@@ -1,0 +1,1 @@
+"""edgeserve: deadline-aware OpenAI-compatible LLM serving for small boards."""
