@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgeserve.config import ServerSettings, default_cache_dir, default_models_path, load_models_file
+from edgeserve.config import (
+    ServerSettings,
+    default_cache_dir,
+    default_models_path,
+    load_models_file,
+)
 from edgeserve.errors import EdgeserveError
 
 
@@ -43,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generations at once across all variants (env EDGESERVE_SLOTS; default 1)")
     serve.add_argument("--log-format", choices=["auto", "json", "console"],
                        default=os.environ.get("EDGESERVE_LOG_FORMAT", "auto"))
+    serve.add_argument("--policy", type=Path, default=_default_policy_path(),
+                       help="routing policy file (env EDGESERVE_POLICY; default policies/default.toml)")
+    serve.add_argument("--default-deadline-ms", type=int,
+                       default=_env_int("EDGESERVE_DEFAULT_DEADLINE_MS", 0) or None,
+                       help="deadline for requests without X-Deadline-Ms (env EDGESERVE_DEFAULT_DEADLINE_MS; "
+                            "default none = best quality)")
+    serve.add_argument("--max-queue", type=int, default=_env_int("EDGESERVE_MAX_QUEUE", 64),
+                       help="requests waiting for a slot before new ones get 429 (env EDGESERVE_MAX_QUEUE)")
+
+    calibrate = commands.add_parser("calibrate", help="measure every variant's costs on this board")
+    _add_common(calibrate)
+    calibrate.add_argument("--quick", action="store_true", help="fewer points (what serve does)")
 
     models = commands.add_parser("models", help="manage model files")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -54,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--family", help="family name for --from (for example llama31-8b)")
     prepare.add_argument("--quants", default="Q2_K,Q8_0", help="comma-separated, for --from")
 
+    from edgeserve.simulate import add_simulate_parser
+
+    add_simulate_parser(commands)
+
     return parser
 
 
@@ -64,10 +87,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "models":
             return _prepare(args)
+        if args.command == "calibrate":
+            return asyncio.run(_calibrate(args))
+        if args.command == "simulate":
+            from edgeserve.simulate import run_simulate
+
+            return run_simulate(args)
     except EdgeserveError as exc:
         print(f"edgeserve: {exc.message}", file=sys.stderr)
         return 2
     return 1
+
+
+def _default_policy_path() -> Path:
+    return Path(os.environ.get("EDGESERVE_POLICY", "policies/default.toml"))
+
+
+async def _calibrate(args: argparse.Namespace) -> int:
+    from edgeserve.runtime.calibrate import CalibrationPlan, ensure_profiles, profile_path
+    from edgeserve.runtime.prepare import prepare_models
+    from edgeserve.runtime.registry import ModelRegistry
+
+    models = load_models_file(args.models)
+    prepared = prepare_models(models, args.models.resolve().parent, args.cache_dir, print)
+    registry = ModelRegistry(models, prepared)
+    started = time.perf_counter()
+    try:
+        await registry.load_all(lambda r: print(f"{r.variant_id}: loaded in {r.load_ms or 0:.0f} ms"))
+        plan = CalibrationPlan.quick() if args.quick else CalibrationPlan()
+        profiles = await ensure_profiles(list(registry.runners.values()), args.cache_dir, plan, print, force=True)
+    finally:
+        registry.close()
+    print(f"\n{'variant':22s} {'load ms':>8s} {'prefill ms/tok':>15s} {'decode ms/tok':>14s} "
+          f"{'growth/1k ctx':>14s} {'fit MAPE':>9s}")
+    for variant_id, p in profiles.items():
+        mape = max(p.prefill_mape or 0.0, p.decode_mape or 0.0)
+        print(f"{variant_id:22s} {p.load_ms:8.0f} {p.prefill_ms_per_token:15.3f} {p.decode_ms_per_token:14.2f} "
+              f"{p.decode_growth_ms_per_token_per_1k_ctx:14.3f} {mape:9.1%}")
+        print(f"  -> {profile_path(args.cache_dir, p.gguf_sha256, p.n_threads, p.host)}")
+    print(f"calibrated {len(profiles)} variants in {time.perf_counter() - started:.0f} s")
+    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -95,22 +154,32 @@ def _serve(args: argparse.Namespace) -> int:
 
     from edgeserve.http.app import create_app
     from edgeserve.logging import configure_logging, get_logger
+    from edgeserve.routing.policy import uncovered_variants
     from edgeserve.runtime.prepare import prepare_models
     from edgeserve.runtime.registry import ModelRegistry
     from edgeserve.runtime.scheduler import Scheduler
     from edgeserve.service import Engine
+    from edgeserve.simulate import load_policy
 
     settings = ServerSettings(models_path=args.models, cache_dir=args.cache_dir, host=args.host,
                               port=args.port, slots=args.slots, log_format=args.log_format)
     if settings.slots < 1:
         raise SystemExit("edgeserve: --slots must be at least 1")
+    if args.default_deadline_ms is not None and not 1 <= args.default_deadline_ms <= 3_600_000:
+        raise SystemExit("edgeserve: --default-deadline-ms must be from 1 to 3600000")
     configure_logging(settings.log_format)
     log = get_logger("edgeserve")
     models = load_models_file(settings.models_path)
+    policy = load_policy(args.policy)
     prepared = prepare_models(models, settings.models_path.resolve().parent, settings.cache_dir,
                               lambda line: log.info("prepare", detail=line))
-    engine = Engine(ModelRegistry(models, prepared), Scheduler(settings.slots))
-    app = create_app(engine)
+    names = [v.name for f in models.families for v in f.variants]
+    if missing := uncovered_variants(policy, names):
+        log.warning("no_quality_curves", policy=str(args.policy), variants=missing,
+                    detail="these variants are ranked as accuracy 0: the router picks them only when "
+                           "nothing better fits; run the GSM8K sweep to write their curves")
+    engine = Engine(ModelRegistry(models, prepared), Scheduler(settings.slots, args.max_queue), policy)
+    app = create_app(engine, cache_dir=settings.cache_dir, default_deadline_ms=args.default_deadline_ms)
     log.info("serving", host=settings.host, port=settings.port, slots=settings.slots,
              variants=list(prepared))
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,

@@ -1,14 +1,24 @@
-"""From a domain request to a running generation: resolve the model, build the prompt,
-check it fits, wait for a slot. No HTTP here, so the same path serves tests and the bench."""
+"""From a domain request to a running generation, and from its result back to the costs.
+
+admit: resolve the model → count prompt tokens → policy.choose (pure) → shape the prompt with
+the budget hint → check it fits. start: wait for a CPU slot (earliest deadline first). record:
+fold the finished request's timings into the variant's cost profile (EWMA). No HTTP here.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edgeserve.errors import InvalidRequestError, NotReadyError
-from edgeserve.runtime.registry import ModelRegistry
-from edgeserve.runtime.runner import Generation, GenerationJob, LlamaRunner, SamplingParams
+from edgeserve.errors import ContextLengthExceededError, InvalidRequestError, NotReadyError, RefusedError
+from edgeserve.routing.costs import CostProfile, observe
+from edgeserve.routing.hints import apply_style_and_hint, hint_tokens_for
+from edgeserve.routing.policy import Decision, Refusal, RoutingRequest, VariantCandidate, choose
+from edgeserve.routing.policy_file import PolicyFile
+from edgeserve.runtime.registry import ModelRegistry, Target
+from edgeserve.runtime.runner import Generation, GenerationJob, GenerationResult, LlamaRunner, SamplingParams
 from edgeserve.runtime.scheduler import Scheduler
 
 
@@ -22,16 +32,25 @@ class InferenceRequest:
     max_tokens: int | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    deadline_ms: int | None = None
+    hint: bool | None = None  # None: the policy's default, when the budget means something
+    style: str | None = None  # a prompt style of the policy file (boxed, aav) or none
+    arrived: float = field(default_factory=time.perf_counter)
+
+    @property
+    def deadline_at(self) -> float | None:
+        return None if self.deadline_ms is None else self.arrived + self.deadline_ms / 1000
 
 
 @dataclass(frozen=True)
 class Admission:
-    """A request that passed every check and knows where it will run."""
+    """A request that passed every check and knows where and how long it will run."""
 
     variant_id: str
     runner: LlamaRunner
     prompt_text: str
     job: GenerationJob
+    decision: Decision
 
     @property
     def budget_tokens(self) -> int:
@@ -39,36 +58,103 @@ class Admission:
 
 
 class Engine:
-    def __init__(self, registry: ModelRegistry, scheduler: Scheduler) -> None:
+    def __init__(self, registry: ModelRegistry, scheduler: Scheduler, policy: PolicyFile,
+                 profiles: dict[str, CostProfile] | None = None,
+                 on_profiles_changed: Callable[[dict[str, CostProfile]], None] | None = None) -> None:
         self.registry = registry
         self.scheduler = scheduler
+        self.policy = policy
+        self.profiles: dict[str, CostProfile] = dict(profiles or {})
+        self._on_profiles_changed = on_profiles_changed
+        self._updates = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.registry.ready and all(v in self.profiles for v in self.registry.runners)
+
+    def status(self) -> str:
+        calibrated = sum(v in self.profiles for v in self.registry.runners)
+        return f"{self.registry.loading_status()}, {calibrated}/{len(self.registry.runners)} calibrated"
 
     async def admit(self, request: InferenceRequest) -> Admission:
         target = self.registry.resolve(request.model)
-        if not self.registry.ready:
-            raise NotReadyError(self.registry.loading_status())
-        variant = target.pinned or target.family.default
-        variant_id = target.variant_id(variant)
-        runner = self.registry.runner(variant_id)
-        prompt_text, tokens = await asyncio.to_thread(self._prompt, runner, request)
-        if not tokens:  # llama.cpp cannot decode zero tokens
-            raise InvalidRequestError("The prompt is empty; send at least one character of text.",
-                                      param="prompt")
+        if not self.ready:
+            raise NotReadyError(self.status())
+        probe = self.registry.runner(target.variant_id(target.pinned or target.family.default))
+        hint_on = self._hint_on(request)
+        first_hint = hint_tokens_for(request.max_tokens or probe.n_ctx, self.policy) if hint_on else None
+        prompt_text, tokens = await asyncio.to_thread(self._prompt, probe, request, first_hint)
+        deadline_at = request.deadline_at
+        spent_ms = (time.perf_counter() - request.arrived) * 1000
+        routing = RoutingRequest(
+            prompt_tokens=len(tokens),
+            requested_max_tokens=request.max_tokens or max(1, probe.n_ctx - len(tokens)),
+            deadline_ms=None if request.deadline_ms is None else request.deadline_ms - spent_ms,
+            pinned=None if target.pinned is None else target.variant_id(target.pinned),
+            style=request.style,
+            hint=hint_on,
+        )
+        decision = choose(routing, self._candidates(target), self.policy,
+                          self.scheduler.wait_estimate_ms(deadline_at))
+        if isinstance(decision, Refusal):
+            raise self._refusal_error(decision, len(tokens), probe)
+        runner = self.registry.runner(decision.variant_id)
+        if runner is not probe or decision.hint_tokens != first_hint:
+            prompt_text, tokens = await asyncio.to_thread(self._prompt, runner, request, decision.hint_tokens)
         runner.check_fits(len(tokens))
-        room = runner.n_ctx - len(tokens)
-        max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
-        job = GenerationJob(tokens, max_tokens, request.sampling, request.stop)
-        return Admission(variant_id, runner, prompt_text, job)
+        max_tokens = min(decision.max_tokens, runner.n_ctx - len(tokens))
+        job = GenerationJob(tokens, max_tokens, request.sampling, request.stop, deadline_at=deadline_at)
+        return Admission(decision.variant_id, runner, prompt_text, job, decision)
 
-    @staticmethod
-    def _prompt(runner: LlamaRunner, request: InferenceRequest) -> tuple[str, list[int]]:
+    def _hint_on(self, request: InferenceRequest) -> bool:
+        """The hint tells the model its budget, so by default it is only added when there is one:
+        a deadline or an explicit max_tokens. X-Budget-Hint overrides."""
+        if request.hint is not None:
+            return request.hint
+        budgeted = request.deadline_ms is not None or request.max_tokens is not None
+        return self.policy.hint.enabled and budgeted and request.messages is not None
+
+    def _candidates(self, target: Target) -> list[VariantCandidate]:
+        candidates = []
+        for variant in target.family.variants:
+            variant_id = target.variant_id(variant)
+            runner = self.registry.runners[variant_id]
+            candidates.append(VariantCandidate(
+                variant_id=variant_id, name=variant.name, profile=self.profiles[variant_id],
+                n_ctx=runner.n_ctx, available=runner.loaded,
+            ))
+        return candidates
+
+    def _prompt(self, runner: LlamaRunner, request: InferenceRequest,
+                hint_tokens: int | None) -> tuple[str, list[int]]:
         if request.messages is not None:
-            text = runner.render_chat(request.messages)
+            messages = apply_style_and_hint(request.messages, request.style, hint_tokens, self.policy)
+            text = runner.render_chat(messages)
             return text, runner.tokenize(text, chat=True)
         if request.prompt is None:
             raise InvalidRequestError("give `messages` or `prompt`", param="messages")
         return request.prompt, runner.tokenize(request.prompt, chat=False)
 
+    @staticmethod
+    def _refusal_error(refusal: Refusal, prompt_tokens: int, runner: LlamaRunner) -> Exception:
+        if refusal.code == "context_length_exceeded":
+            return ContextLengthExceededError(prompt_tokens, runner.n_ctx, runner.variant_id)
+        return RefusedError(f"Cannot answer within the deadline: {refusal.reason}.",
+                            code=refusal.code, retry_after_s=refusal.retry_after_s or 1)
+
     async def start(self, admission: Admission) -> tuple[Generation, float]:
         """Wait for a CPU slot and start generating; returns the generation and queue ms."""
-        return await self.scheduler.start(admission.runner, admission.job)
+        return await self.scheduler.start(admission.runner, admission.job, admission.decision.predicted_ms)
+
+    def record(self, admission: Admission, result: GenerationResult) -> None:
+        """Fold a finished request into its variant's cost profile, so throttling or a busy CPU
+        shows up in the next decision."""
+        profile = self.profiles.get(admission.variant_id)
+        if profile is None or result.finish == "cancelled":
+            return
+        self.profiles[admission.variant_id] = observe(
+            profile, result.prompt_evaluated, result.prompt_ms, len(result.token_ms), sum(result.token_ms)
+        )
+        self._updates += 1
+        if self._on_profiles_changed is not None and self._updates % 20 == 0:
+            self._on_profiles_changed(dict(self.profiles))

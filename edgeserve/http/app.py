@@ -8,6 +8,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -19,10 +21,17 @@ from litestar.response import Stream
 
 from edgeserve.errors import EdgeserveError, GenerationFailedError
 from edgeserve.http.errors import handle_domain_error, handle_http_exception, handle_unexpected
-from edgeserve.http.parse import parse_chat, parse_completion
+from edgeserve.http.parse import (
+    parse_chat,
+    parse_choice,
+    parse_completion,
+    parse_deadline_ms,
+    parse_switch,
+)
 from edgeserve.http.responses import ChunkEncoder, CompletionContext, full_body
 from edgeserve.http.schemas import ModelCard, ModelList
 from edgeserve.logging import get_logger
+from edgeserve.runtime.calibrate import CalibrationPlan, ensure_profiles, store_profiles
 from edgeserve.runtime.runner import Generation
 from edgeserve.service import Engine, InferenceRequest
 
@@ -46,26 +55,40 @@ def _request_id(request: Request[Any, Any, Any]) -> str:
 
 @post("/v1/chat/completions", status_code=200, summary="Chat completion (OpenAI-compatible)")
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    arrived = time.perf_counter()
     wire, domain = parse_chat(await request.body())
     include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
-    return await _complete(request, "chat", domain, wire.stream, include_usage)
+    return await _complete(request, "chat", _with_headers(request, domain, arrived), wire.stream, include_usage)
 
 
 @post("/v1/completions", status_code=200, summary="Text completion (OpenAI-compatible)")
 async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    arrived = time.perf_counter()
     wire, domain = parse_completion(await request.body())
     include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
-    return await _complete(request, "text", domain, wire.stream, include_usage)
+    return await _complete(request, "text", _with_headers(request, domain, arrived), wire.stream, include_usage)
+
+
+def _with_headers(request: Request[Any, Any, Any], domain: InferenceRequest, arrived: float) -> InferenceRequest:
+    """X-Deadline-Ms (ms from arrival), X-Budget-Hint (on|off), X-Prompt-Style (a policy style)."""
+    engine = _engine(request)
+    headers = request.headers
+    return replace(
+        domain,
+        arrived=arrived,
+        deadline_ms=parse_deadline_ms(headers.get("x-deadline-ms"), request.app.state.default_deadline_ms),
+        hint=parse_switch(headers.get("x-budget-hint"), "X-Budget-Hint"),
+        style=parse_choice(headers.get("x-prompt-style"), "X-Prompt-Style", tuple(engine.policy.styles)),
+    )
 
 
 async def _complete(
     request: Request[Any, Any, Any], kind: str, domain: InferenceRequest, stream: bool, include_usage: bool
 ) -> Response[bytes] | Stream:
-    arrived = time.perf_counter()
     request_id = _request_id(request)
     engine = _engine(request)
     admission = await engine.admit(domain)
-    ctx = CompletionContext(request_id, kind, admission, arrived)
+    ctx = CompletionContext(request_id, kind, admission, domain.arrived, domain.deadline_ms)
     if stream:
         return Stream(_stream(engine, ctx, include_usage, _client(request)),
                       media_type="text/event-stream",
@@ -76,6 +99,7 @@ async def _complete(
     finally:
         generation.cancel()  # no-op once finished; stops the token loop if we were cancelled
     assert generation.result is not None
+    engine.record(admission, generation.result)
     _log_outcome(ctx, generation, _client(request))
     return Response(full_body(ctx, text, generation.result), media_type="application/json",
                     headers=ctx.headers())
@@ -130,7 +154,10 @@ def _log_outcome(ctx: CompletionContext, generation: Generation, client: str) ->
         "completion",
         request_id=ctx.request_id,
         variant=ctx.admission.variant_id,
+        deadline_ms=ctx.deadline_ms,
+        predicted_ms=round(ctx.admission.decision.predicted_ms, 1),
         budget_tokens=ctx.admission.budget_tokens,
+        hint_tokens=ctx.admission.decision.hint_tokens,
         queue_ms=round(ctx.queue_ms, 1),
         actual_ms=round((time.perf_counter() - ctx.arrived) * 1000, 1),
         prompt_tokens=ctx.admission.job.prompt_tokens.__len__(),
@@ -167,18 +194,19 @@ async def health() -> dict[str, str]:
 
 @get("/ready", summary="Readiness: 503 until every variant is loaded")
 async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
-    registry = _engine(request).registry
+    engine = _engine(request)
     if request.app.state.load_error is not None:
         return Response({"status": "failed", "error": request.app.state.load_error}, status_code=503)
-    if not registry.ready:
-        return Response({"status": "loading", "detail": registry.loading_status()}, status_code=503,
+    if not engine.ready:
+        return Response({"status": "loading", "detail": engine.status()}, status_code=503,
                         headers={"Retry-After": "1"})
-    return Response({"status": "ready", "detail": registry.loading_status()})
+    return Response({"status": "ready", "detail": engine.status()})
 
 
-def create_app(engine: Engine, *, max_body_bytes: int = MAX_BODY_BYTES) -> Litestar:
-    """Models load in the background after start-up, so /health answers at once and /ready
-    says 503 until every variant is loaded."""
+def create_app(engine: Engine, *, cache_dir: Path, default_deadline_ms: int | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> Litestar:
+    """Models load (and, where no profile matches, calibrate) in the background after start-up,
+    so /health answers at once and /ready says 503 until every variant is loaded and costed."""
 
     @asynccontextmanager
     async def load_models(app: Litestar) -> AsyncIterator[None]:
@@ -187,7 +215,11 @@ def create_app(engine: Engine, *, max_body_bytes: int = MAX_BODY_BYTES) -> Lites
                 await engine.registry.load_all(
                     lambda r: log.info("variant_loaded", variant=r.variant_id, load_ms=round(r.load_ms or 0, 1))
                 )
-                log.info("ready", detail=engine.registry.loading_status())
+                engine.profiles = await ensure_profiles(
+                    list(engine.registry.runners.values()), cache_dir, CalibrationPlan.quick(),
+                    lambda line: log.info("calibration", detail=line),
+                )
+                log.info("ready", detail=engine.status())
             except EdgeserveError as exc:
                 app.state.load_error = exc.message
                 log.error("load_failed", error=exc.message)
@@ -197,6 +229,8 @@ def create_app(engine: Engine, *, max_body_bytes: int = MAX_BODY_BYTES) -> Lites
             yield
         finally:
             task.cancel()
+            if engine.ready:
+                store_profiles(engine.profiles, cache_dir)
             engine.registry.close()
 
     app = Litestar(
@@ -214,4 +248,5 @@ def create_app(engine: Engine, *, max_body_bytes: int = MAX_BODY_BYTES) -> Lites
     app.state.engine = engine
     app.state.started_at = int(time.time())
     app.state.load_error = None
+    app.state.default_deadline_ms = default_deadline_ms
     return app

@@ -65,7 +65,9 @@ def handle_domain_error(request: Request[Any, Any, Any], error: EdgeserveError) 
     headers = {"Retry-After": "1"} if status == 503 else None
     if isinstance(error, RefusedError):
         headers = {"Retry-After": str(error.retry_after_s)}
-    if status >= 500:
+    if status == 503:
+        log.warning("not_ready", error=error.message, path=request.url.path)
+    elif status >= 500:
         log.error("request_failed", error=error.message, path=request.url.path)
     return error_response(status, error.message, param=error.param, code=error.code, headers=headers)
 

@@ -88,3 +88,42 @@ def parse_completion(body: bytes) -> tuple[CompletionRequest, InferenceRequest]:
         stop=tuple(wire.stop_list()),
     )
     return wire, request
+
+
+MAX_DEADLINE_MS = 3_600_000
+
+
+def parse_deadline_ms(value: str | None, default_ms: int | None) -> int | None:
+    """`X-Deadline-Ms`: milliseconds from arrival, an integer in 1..3,600,000."""
+    if value is None:
+        return default_ms
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_DEADLINE_MS:
+        raise InvalidRequestError(
+            f"Header X-Deadline-Ms must be an integer number of milliseconds from 1 to "
+            f"{MAX_DEADLINE_MS:,}, got {value[:40]!r}.",
+            param="X-Deadline-Ms",
+            code="invalid_deadline",
+        )
+    return int(text)
+
+
+def parse_switch(value: str | None, header: str) -> bool | None:
+    """`on`/`off` headers such as X-Budget-Hint; absent means the policy's default."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if text not in ("on", "off"):
+        raise InvalidRequestError(f"Header {header} must be 'on' or 'off', got {value[:40]!r}.", param=header)
+    return text == "on"
+
+
+def parse_choice(value: str | None, header: str, choices: tuple[str, ...]) -> str | None:
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if text not in choices:
+        raise InvalidRequestError(
+            f"Header {header} must be one of {', '.join(choices)}, got {value[:40]!r}.", param=header
+        )
+    return text

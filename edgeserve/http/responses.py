@@ -35,6 +35,7 @@ class CompletionContext:
     kind: str  # "chat" or "text"
     admission: Admission
     arrived: float  # time.perf_counter() at arrival
+    deadline_ms: int | None = None
     queue_ms: float = 0.0
     created: int = 0
 
@@ -54,6 +55,7 @@ class CompletionContext:
             "X-Request-Id": self.request_id,
             "X-Edgeserve-Variant": self.admission.variant_id,
             "X-Edgeserve-Budget-Tokens": str(self.admission.budget_tokens),
+            "X-Edgeserve-Predicted-Ms": f"{self.admission.decision.predicted_ms:.0f}",
         }
 
 
@@ -72,12 +74,17 @@ def timings_of(result: GenerationResult) -> Timings:
 
 
 def info_of(ctx: CompletionContext, result: GenerationResult) -> EdgeserveInfo:
+    decision = ctx.admission.decision
     return EdgeserveInfo(
         variant=ctx.admission.variant_id,
-        finish=result.finish,
-        queue_ms=round(ctx.queue_ms, 3),
-        actual_ms=round((time.perf_counter() - ctx.arrived) * 1000, 3),
+        deadline_ms=ctx.deadline_ms,
+        predicted_ms=round(decision.predicted_ms, 1),
+        actual_ms=round((time.perf_counter() - ctx.arrived) * 1000, 1),
+        queue_ms=round(ctx.queue_ms, 1),
         budget_tokens=ctx.admission.budget_tokens,
+        hint_tokens=decision.hint_tokens,
+        finish=result.finish,
+        reason=decision.reason,
     )
 
 

@@ -96,14 +96,19 @@ class Timings(msgspec.Struct):
     predicted_ms: float
 
 
-class EdgeserveInfo(msgspec.Struct, omit_defaults=True):
-    """What edgeserve decided and what happened; `finish` is finer than OpenAI's finish_reason."""
+class EdgeserveInfo(msgspec.Struct):
+    """What edgeserve decided and what happened; `finish` is finer than OpenAI's finish_reason
+    (`stop`, `length`, `deadline` or `cancelled`)."""
 
     variant: str
-    finish: str
-    queue_ms: float
+    deadline_ms: int | None
+    predicted_ms: float
     actual_ms: float
+    queue_ms: float
     budget_tokens: int
+    hint_tokens: int | None
+    finish: str
+    reason: str
 
 
 class AssistantMessage(msgspec.Struct):
@@ -142,12 +147,14 @@ class ChunkChoice(msgspec.Struct):
     logprobs: None = None
 
 
-class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
+class ChatCompletionChunk(msgspec.Struct, omit_defaults=True, tag_field="object",
+                          tag="chat.completion.chunk"):
+    """`object` is a tag so that omit_defaults cannot drop it (clients need it)."""
+
     id: str
     created: int
     model: str
     choices: list[ChunkChoice]
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     usage: Usage | None = None
     edgeserve: EdgeserveInfo | None = None
     timings: Timings | None = None
@@ -160,18 +167,17 @@ class TextChoice(msgspec.Struct):
     logprobs: None = None
 
 
-class TextCompletion(msgspec.Struct, omit_defaults=True):
+class TextCompletion(msgspec.Struct, omit_defaults=True, tag_field="object", tag="text_completion"):
     id: str
     created: int
     model: str
     choices: list[TextChoice]
-    object: Literal["text_completion"] = "text_completion"
     usage: Usage | None = None
     edgeserve: EdgeserveInfo | None = None
     timings: Timings | None = None
 
 
-class ModelCard(msgspec.Struct, omit_defaults=True):
+class ModelCard(msgspec.Struct, omit_defaults=True, tag_field="object", tag="model"):
     id: str
     created: int
     owned_by: str
@@ -182,7 +188,6 @@ class ModelCard(msgspec.Struct, omit_defaults=True):
     path: str | None = None
     n_ctx: int | None = None
     loaded: bool | None = None
-    object: Literal["model"] = "model"
 
 
 class ModelList(msgspec.Struct):

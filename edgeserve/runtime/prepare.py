@@ -55,7 +55,10 @@ def locate_source(source: str, base_dir: Path) -> Path:
     """`package://pkg/file` is a file shipped inside an installed Python package; else a path."""
     if source.startswith(PACKAGE_SCHEME):
         package, _, filename = source[len(PACKAGE_SCHEME):].partition("/")
-        spec = importlib.util.find_spec(package)
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):  # a dotted name whose parent is missing, or ""
+            spec = None
         if spec is None or not spec.submodule_search_locations:
             raise ModelPreparationError(
                 f"source {source}: the Python package '{package}' is not installed; "
@@ -86,6 +89,7 @@ def quantize(source: Path, target: Path, quant: str) -> None:
     """Requantize with llama.cpp; writes to a temporary file and renames it into place."""
     import llama_cpp
     from llama_cpp._logger import set_verbose
+    from llama_cpp._utils import suppress_stdout_stderr
 
     set_verbose(False)  # llama.cpp otherwise lists every tensor on stderr
     params = llama_cpp.llama_model_quantize_default_params()
@@ -93,9 +97,10 @@ def quantize(source: Path, target: Path, quant: str) -> None:
     params.allow_requantize = True
     params.nthread = os.cpu_count() or 1
     partial = target.with_suffix(".partial")
-    status = llama_cpp.llama_model_quantize(
-        str(source).encode(), str(partial).encode(), ctypes.byref(params)
-    )
+    with suppress_stdout_stderr(disable=False):  # C++ warnings per tensor go straight to fd 2
+        status = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(partial).encode(), ctypes.byref(params)
+        )
     if status != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
         raise ModelPreparationError(f"llama.cpp could not quantize {source} to {quant} (status {status})")

@@ -61,6 +61,7 @@ class GenerationResult:
     predicted_n: int
     predicted_ms: float
     token_ms: list[float] = field(default_factory=list)
+    prompt_evaluated: int = 0  # prompt tokens actually decoded (the rest came from the KV cache)
 
 
 class Generation:
@@ -96,6 +97,16 @@ class Generation:
 
     async def text(self) -> str:
         return "".join([piece async for piece in self])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading prompt tokens llama-cpp-python will reuse from the KV cache."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return min(n, len(b) - 1)
 
 
 def _next_token_s(token_ms: list[float]) -> float:
@@ -215,6 +226,7 @@ class LlamaRunner:
         finish: Finish = "length"
         if generation.cancelled:
             return GenerationResult("cancelled", len(job.prompt_tokens), 0.0, 0, 0.0)
+        cached = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), job.prompt_tokens)
         tokens = llm.generate(
             job.prompt_tokens,
             top_k=s.top_k,
@@ -261,6 +273,7 @@ class LlamaRunner:
             predicted_n=n_generated,
             predicted_ms=sum(token_ms),
             token_ms=token_ms,
+            prompt_evaluated=max(1, len(job.prompt_tokens) - cached),
         )
 
     def close(self) -> None:

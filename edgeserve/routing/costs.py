@@ -1,0 +1,251 @@
+"""What a generation costs on this board: a small linear model fitted from calibration, kept fresh
+by an EWMA over finished requests, and inverted to answer "how many tokens fit in this time?".
+
+The model follows the runner's timings (GenerationResult) exactly:
+
+* prefill (prompt evaluation + sampling of the first new token):
+  ``prefill_fixed_ms + prefill_ms_per_token * prompt_tokens``;
+* every further new token is one decode step; step ``j`` (1-based) runs with ``prompt_tokens + j``
+  tokens in the context and costs ``decode_ms_per_token + growth * (prompt_tokens + j) / 1000``.
+
+So ``n`` new tokens cost one prefill plus ``n - 1`` decode steps, and ``n = 0`` costs nothing.
+The load time is recorded but never charged to a request: variants stay loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Annotated
+
+import msgspec
+
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+#: One observation may move a rate by at most this factor (before the EWMA weight): a request that
+#: ran while the board was suspended or swapping should nudge the profile, not rewrite it.
+MAX_OBSERVED_RATIO = 4.0
+
+
+class CostProfile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Measured costs of one variant at one thread count on one host (JSON-serialisable).
+
+    Residual statistics describe the calibration fit (``*_mape`` are fractions, 0.05 = 5 %);
+    ``recent_ape`` is an EWMA of the absolute percentage error of total-latency predictions made
+    for finished requests, i.e. how well the profile predicts real traffic right now.
+    """
+
+    variant_id: str
+    prefill_ms_per_token: NonNegative
+    decode_ms_per_token: NonNegative
+    gguf_sha256: str = ""
+    n_threads: int = 1
+    host: str = ""
+    load_ms: NonNegative = 0.0
+    prefill_fixed_ms: NonNegative = 0.0
+    decode_growth_ms_per_token_per_1k_ctx: NonNegative = 0.0
+    prefill_mape: float | None = None
+    decode_mape: float | None = None
+    n_prefill_samples: int = 0
+    n_decode_samples: int = 0
+    recent_ape: float | None = None
+    updated_count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.decode_ms_per_token <= 0 and self.decode_growth_ms_per_token_per_1k_ctx <= 0:
+            raise ValueError("decode_ms_per_token must be positive (a token cannot be free)")
+
+
+# ---- prediction -----------------------------------------------------------------------------
+
+
+def prefill_ms(profile: CostProfile, prompt_tokens: int) -> float:
+    """Time to evaluate the prompt and sample the first new token."""
+    return profile.prefill_fixed_ms + profile.prefill_ms_per_token * max(prompt_tokens, 0)
+
+
+def decode_steps_ms(profile: CostProfile, prompt_tokens: int, steps: int) -> float:
+    """Time of ``steps`` decode steps after a prompt of ``prompt_tokens`` (closed form)."""
+    if steps <= 0:
+        return 0.0
+    p = max(prompt_tokens, 0)
+    growth = profile.decode_growth_ms_per_token_per_1k_ctx / 1000.0
+    # sum_{j=1..s} (d0 + g * (p + j)) = s*d0 + g*(s*p + s(s+1)/2)
+    return steps * profile.decode_ms_per_token + growth * (steps * p + steps * (steps + 1) / 2)
+
+
+def predict_ms(profile: CostProfile, prompt_tokens: int, new_tokens: int) -> float:
+    """Predicted wall time (ms) of a generation: prefill, then ``new_tokens - 1`` decode steps."""
+    if new_tokens <= 0:
+        return 0.0
+    return prefill_ms(profile, prompt_tokens) + decode_steps_ms(profile, prompt_tokens, new_tokens - 1)
+
+
+def max_new_tokens_within(
+    profile: CostProfile, prompt_tokens: int, budget_ms: float, *, limit: int | None = None
+) -> int:
+    """The largest ``n`` with ``predict_ms(profile, prompt_tokens, n) <= budget_ms`` (0 if none),
+    capped at ``limit`` when given. Closed form, then corrected by one-token steps so the answer
+    agrees exactly with ``predict_ms`` despite rounding."""
+    if not budget_ms >= 0 or (limit is not None and limit <= 0):  # also rejects NaN
+        return 0
+    rest = budget_ms - prefill_ms(profile, prompt_tokens)
+    if rest < 0:
+        return 0
+    if math.isinf(rest):
+        if limit is None:
+            raise ValueError("an infinite budget needs a limit")
+        return limit
+    p = max(prompt_tokens, 0)
+    g = profile.decode_growth_ms_per_token_per_1k_ctx / 1000.0
+    a = g / 2.0
+    b = profile.decode_ms_per_token + g * (p + 0.5)
+    # a*s^2 + b*s <= rest, s = decode steps = n - 1
+    steps = rest / b if a == 0 else (-b + math.sqrt(b * b + 4 * a * rest)) / (2 * a)
+    n = int(min(steps, float(limit if limit is not None else 2**62))) + 1
+    if limit is not None:
+        n = min(n, limit)
+    while n > 0 and predict_ms(profile, prompt_tokens, n) > budget_ms:
+        n -= 1
+    while (limit is None or n < limit) and predict_ms(profile, prompt_tokens, n + 1) <= budget_ms:
+        n += 1
+    return n
+
+
+# ---- fitting --------------------------------------------------------------------------------
+
+
+def _line_fit(
+    points: Sequence[tuple[float, float]], *, single_x_through_origin: bool
+) -> tuple[float, float]:
+    """Least-squares ``y = intercept + slope * x`` with both coefficients kept >= 0.
+
+    Costs cannot be negative: if the unconstrained fit gives a negative intercept the line is
+    refitted through the origin, and a negative slope becomes a flat line at the mean. When all
+    samples share one x the line is underdetermined: prefill is then taken as proportional to the
+    prompt (through the origin), decode as flat in the context (intercept only).
+    """
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    if sxx == 0:
+        if single_x_through_origin and mean_x > 0:
+            return 0.0, max(mean_y / mean_x, 0.0)
+        return max(mean_y, 0.0), 0.0
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+    intercept = mean_y - slope * mean_x
+    if slope < 0:
+        return max(mean_y, 0.0), 0.0
+    if intercept < 0:
+        sx2 = sum(x * x for x, _ in points)
+        return 0.0, max(sum(x * y for x, y in points) / sx2, 0.0)
+    return intercept, slope
+
+
+def _mape(points: Sequence[tuple[float, float]], intercept: float, slope: float) -> float | None:
+    errors = [abs(intercept + slope * x - y) / y for x, y in points if y > 0]
+    return sum(errors) / len(errors) if errors else None
+
+
+def fit_profile(
+    prefill_samples: Sequence[tuple[int, float]],
+    decode_samples: Sequence[tuple[int, float]],
+    *,
+    variant_id: str,
+    gguf_sha256: str = "",
+    n_threads: int = 1,
+    host: str = "",
+    load_ms: float = 0.0,
+) -> CostProfile:
+    """Fit a profile by least squares from calibration samples.
+
+    ``prefill_samples``: (prompt tokens, ms for prefill + first token), e.g. GenerationResult's
+    (prompt_n, prompt_ms). ``decode_samples``: (context position, ms of that decode step), the
+    position being the number of tokens in the context after the step (prompt_n + i + 1 for
+    ``token_ms[i]``). Samples with non-positive values are dropped; at least one of each kind must
+    remain (ValueError otherwise).
+    """
+    prefill = [(float(p), float(ms)) for p, ms in prefill_samples if p > 0 and ms > 0]
+    decode = [(c / 1000.0, float(ms)) for c, ms in decode_samples if c > 0 and ms > 0]
+    if not prefill:
+        raise ValueError(f"{variant_id}: no usable prefill samples (need prompt tokens and ms > 0)")
+    if not decode:
+        raise ValueError(f"{variant_id}: no usable decode samples (need context and ms > 0)")
+    fixed, per_token = _line_fit(prefill, single_x_through_origin=True)
+    d0, growth = _line_fit(decode, single_x_through_origin=False)
+    if d0 <= 0 and growth <= 0:
+        raise ValueError(f"{variant_id}: decode samples fit a zero cost per token")
+    return CostProfile(
+        variant_id=variant_id,
+        gguf_sha256=gguf_sha256,
+        n_threads=n_threads,
+        host=host,
+        load_ms=max(load_ms, 0.0),
+        prefill_fixed_ms=fixed,
+        prefill_ms_per_token=per_token,
+        decode_ms_per_token=d0,
+        decode_growth_ms_per_token_per_1k_ctx=growth,
+        prefill_mape=_mape(prefill, fixed, per_token),
+        decode_mape=_mape(decode, d0, growth),
+        n_prefill_samples=len(prefill),
+        n_decode_samples=len(decode),
+    )
+
+
+# ---- online update --------------------------------------------------------------------------
+
+
+def _blend(observed: float, predicted: float, alpha: float) -> float:
+    """The factor that moves a prediction a fraction ``alpha`` of the way toward an observation."""
+    ratio = min(max(observed / predicted, 1 / MAX_OBSERVED_RATIO), MAX_OBSERVED_RATIO)
+    return (1 - alpha) + alpha * ratio
+
+
+def observe(
+    profile: CostProfile,
+    prompt_tokens: int,
+    prompt_ms: float,
+    new_tokens: int,
+    decode_ms: float,
+    alpha: float = 0.2,
+) -> CostProfile:
+    """EWMA update from one finished request; returns a new profile.
+
+    Pass the runner's timings: ``prompt_tokens``/``prompt_ms`` = (prompt_n, prompt_ms) — the
+    tokens actually evaluated, so a prompt served from llama.cpp's prefix cache should pass only
+    the uncached part — and ``new_tokens``/``decode_ms`` = (len(token_ms), sum(token_ms)),
+    the decode steps and their time. The prefill line (fixed + per token) and the decode line
+    (base + growth) are each scaled by one factor so that the prediction for this request moves
+    ``alpha`` of the way toward what was observed (ratio clamped to [1/4, 4]); keeping the shape
+    of each line and only rescaling it is what a slower CPU (throttling, a busy neighbour) does.
+    A part with no tokens or no time is ignored; if both are, the profile comes back unchanged.
+    """
+    if not 0 < alpha <= 1:
+        raise ValueError("alpha must be in (0, 1]")
+    changes: dict[str, float] = {}
+    predicted_total = 0.0
+    observed_total = 0.0
+    predicted_prefill = prefill_ms(profile, prompt_tokens)
+    if prompt_tokens > 0 and prompt_ms > 0 and predicted_prefill > 0:
+        factor = _blend(prompt_ms, predicted_prefill, alpha)
+        changes["prefill_fixed_ms"] = profile.prefill_fixed_ms * factor
+        changes["prefill_ms_per_token"] = profile.prefill_ms_per_token * factor
+        predicted_total += predicted_prefill
+        observed_total += prompt_ms
+    predicted_decode = decode_steps_ms(profile, prompt_tokens, new_tokens)
+    if new_tokens > 0 and decode_ms > 0 and predicted_decode > 0:
+        factor = _blend(decode_ms, predicted_decode, alpha)
+        changes["decode_ms_per_token"] = profile.decode_ms_per_token * factor
+        changes["decode_growth_ms_per_token_per_1k_ctx"] = (
+            profile.decode_growth_ms_per_token_per_1k_ctx * factor
+        )
+        predicted_total += predicted_decode
+        observed_total += decode_ms
+    if not changes:
+        return profile
+    ape = abs(predicted_total - observed_total) / observed_total
+    recent = ape if profile.recent_ape is None else (1 - alpha) * profile.recent_ape + alpha * ape
+    return msgspec.structs.replace(
+        profile, **changes, recent_ape=recent, updated_count=profile.updated_count + 1
+    )

@@ -1,0 +1,263 @@
+"""The routing decision: which variant, how many tokens, and why. Pure: values in, a value out.
+
+For every variant the largest token budget that fits the time left (deadline − queue wait −
+safety margin) is found from its cost profile, capped by the request's max_tokens and the
+variant's context; the variant whose quality curve promises the highest accuracy at that budget
+wins, ties (within 1e-9) going to the faster prediction and then to the earlier candidate.
+A budget under the policy's ``min_useful_tokens`` is not worth starting; when no variant reaches
+it the request is refused at once, with the time after which the queue will have drained enough.
+
+A variant without any quality curve in the policy is expected to score 0: the policy does not
+invent quality it has not measured. Such a variant is chosen only when pinned or when no variant
+has a curve (then the fastest one wins on the tie rule); ``uncovered_variants`` lists them so the
+server can warn at start-up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import msgspec
+
+from edgeserve.routing.costs import CostProfile, max_new_tokens_within, predict_ms
+from edgeserve.routing.hints import hint_tokens_for
+from edgeserve.routing.policy_file import PolicyFile
+
+TIE_EPSILON = 1e-9
+
+RefusalCode = Literal["deadline_infeasible", "context_length_exceeded", "variant_unavailable"]
+
+
+class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What routing needs to know about a request (all variants of a family share a tokenizer).
+
+    ``requested_max_tokens`` None → the policy's default; ``deadline_ms`` (from arrival) None →
+    best quality; ``pinned`` is a variant_id; ``style`` None → the policy's default style;
+    ``hint`` None → the policy's ``hint.enabled`` (X-Budget-Hint overrides it).
+    """
+
+    prompt_tokens: int
+    requested_max_tokens: int | None = None
+    deadline_ms: float | None = None
+    pinned: str | None = None
+    style: str | None = None
+    hint: bool | None = None
+
+
+class VariantCandidate(msgspec.Struct, frozen=True, kw_only=True):
+    """One variant as routing sees it: ``name`` is its key in the policy's curves (e.g. q8_0)."""
+
+    variant_id: str
+    name: str
+    profile: CostProfile
+    n_ctx: int
+    available: bool = True
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """Run ``variant_id`` for at most ``max_tokens`` new tokens; tell the model ``hint_tokens``
+    (None: no hint) and shape the prompt with ``style``."""
+
+    variant_id: str
+    variant_name: str
+    max_tokens: int
+    hint_tokens: int | None
+    predicted_ms: float
+    expected_accuracy: float
+    reason: str
+    style: str
+    deadline_ms: float | None
+    queue_wait_ms: float
+
+
+class Refusal(msgspec.Struct, frozen=True, kw_only=True):
+    """Not started. ``deadline_infeasible`` → 429 with Retry-After: ``retry_after_s`` (>= 1) is
+    when the queue will have drained enough for the same deadline to fit (or, if even an empty
+    queue is not enough, when it will be empty); ``min_deadline_ms`` is the smallest deadline that
+    would be accepted right now. The other codes carry no retry time."""
+
+    reason: str
+    code: RefusalCode = "deadline_infeasible"
+    retry_after_s: int | None = None
+    min_deadline_ms: float | None = None
+
+
+class _Option(msgspec.Struct, frozen=True):
+    candidate: VariantCandidate
+    budget: int
+    accuracy: float
+    predicted_ms: float
+    limit: str | None  # what capped the budget, if not the deadline
+
+
+def safety_margin_ms(deadline_ms: float, policy: PolicyFile) -> float:
+    """max(fixed margin, ratio × deadline): the slack kept for prediction error."""
+    routing = policy.routing
+    return max(routing.safety_margin_ms, routing.safety_margin_ratio * deadline_ms)
+
+
+def available_ms(deadline_ms: float, queue_wait_ms: float, policy: PolicyFile) -> float:
+    """Time a generation may take: deadline − queue wait − safety margin."""
+    return deadline_ms - max(queue_wait_ms, 0.0) - safety_margin_ms(deadline_ms, policy)
+
+
+def format_ms(ms: float) -> str:
+    """A duration for people: 850 ms, 4.1 s, 12 min 5 s, 2 h 34 min."""
+    if ms < 1000:
+        return f"{ms:.0f} ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.1f} s"
+    seconds = round(ms / 1000)
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    minutes = round(ms / 60_000)
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def uncovered_variants(policy: PolicyFile, names: Sequence[str]) -> list[str]:
+    """Variant names that have no quality curve in this policy (they would score 0)."""
+    return [name for name in names if not policy.curves.get(name)]
+
+
+def choose(
+    request: RoutingRequest,
+    candidates: Sequence[VariantCandidate],
+    policy: PolicyFile,
+    queue_wait_ms: float,
+) -> Decision | Refusal:
+    """The variant and budget with the best expected accuracy that fit the request's deadline.
+
+    Guarantee: for a Decision with a deadline, ``predicted_ms + queue_wait_ms <= deadline_ms``.
+    """
+    if request.requested_max_tokens is not None and request.requested_max_tokens < 1:
+        raise ValueError("requested_max_tokens must be at least 1")
+    style = request.style or policy.default_style
+    hint_on = policy.hint.enabled if request.hint is None else request.hint
+    max_tokens = request.requested_max_tokens or policy.routing.default_max_tokens
+    queue = max(queue_wait_ms, 0.0)
+    deadline = request.deadline_ms
+    prompt = max(request.prompt_tokens, 0)
+
+    pool = list(candidates)
+    if request.pinned is not None:
+        pool = [c for c in pool if c.variant_id == request.pinned]
+        if not pool:
+            return Refusal(reason=f"pinned variant {request.pinned} is not configured",
+                           code="variant_unavailable")
+    live = [c for c in pool if c.available]
+    if not live:
+        which = request.pinned or ", ".join(c.variant_id for c in pool) or "none configured"
+        return Refusal(reason=f"no variant is available ({which})", code="variant_unavailable")
+    fitting = [c for c in live if c.n_ctx - prompt >= 1]
+    if not fitting:
+        largest = max(c.n_ctx for c in live)
+        return Refusal(
+            reason=f"the prompt has {prompt} tokens; the largest context is {largest} tokens",
+            code="context_length_exceeded",
+        )
+
+    avail = math.inf if deadline is None else available_ms(deadline, queue, policy)
+    options: list[_Option] = []
+    for c in fitting:
+        cap = min(max_tokens, c.n_ctx - prompt)
+        minimum = min(policy.routing.min_useful_tokens, cap)
+        budget = cap if deadline is None else max_new_tokens_within(
+            c.profile, prompt, avail, limit=cap)
+        predicted = predict_ms(c.profile, prompt, budget)
+        while deadline is not None and budget > 0 and predicted + queue > deadline:
+            budget -= 1  # float rounding guard for the invariant; practically never runs
+            predicted = predict_ms(c.profile, prompt, budget)
+        if budget < minimum:
+            continue
+        curve = policy.curve_for(c.name, style, hint_on)
+        accuracy = curve.accuracy(budget) if curve is not None else 0.0
+        limit = None
+        if budget == max_tokens:
+            limit = "max_tokens"
+        elif budget == c.n_ctx - prompt:
+            limit = "the context"
+        options.append(_Option(c, budget, accuracy, predicted, limit))
+
+    if not options:
+        assert deadline is not None  # without a deadline every fitting variant is an option
+        return _refuse(request, fitting, policy, deadline, queue, max_tokens)
+
+    best = options[0]
+    for option in options[1:]:
+        if option.accuracy > best.accuracy + TIE_EPSILON or (
+            abs(option.accuracy - best.accuracy) <= TIE_EPSILON
+            and option.predicted_ms < best.predicted_ms
+        ):
+            best = option
+    chosen = best.candidate
+    return Decision(
+        variant_id=chosen.variant_id,
+        variant_name=chosen.name,
+        max_tokens=best.budget,
+        hint_tokens=hint_tokens_for(best.budget, policy) if hint_on else None,
+        predicted_ms=best.predicted_ms,
+        expected_accuracy=best.accuracy,
+        reason=_reason(best, options, request, policy, queue, style, hint_on),
+        style=style,
+        deadline_ms=deadline,
+        queue_wait_ms=queue,
+    )
+
+
+def _reason(best: _Option, options: list[_Option], request: RoutingRequest, policy: PolicyFile,
+            queue: float, style: str, hint_on: bool) -> str:
+    name = best.candidate.name
+    pinned = "pinned " if request.pinned is not None else ""
+    if policy.curve_for(name, style, hint_on) is None:
+        head = f"{pinned}{name}: no quality curve, {best.budget} tokens"
+    else:
+        head = f"{pinned}{name}: {best.accuracy:.2f} expected accuracy at {best.budget} tokens"
+    deadline = request.deadline_ms
+    if deadline is None:
+        text = f"{head} in {format_ms(best.predicted_ms)} (no deadline)"
+    else:
+        margin = safety_margin_ms(deadline, policy)
+        text = (f"{head} in {format_ms(best.predicted_ms)} ≤ {format_ms(deadline)} − "
+                f"{format_ms(queue)} queue − {format_ms(margin)} margin")
+    if best.limit is not None and deadline is not None:
+        text += f" (capped by {best.limit})"
+    others = [o for o in options if o is not best]
+    if others:
+        text += "; " + ", ".join(
+            f"{o.candidate.name} {o.accuracy:.2f} at {o.budget}" for o in others[:3])
+    return text
+
+
+def _refuse(request: RoutingRequest, fitting: list[VariantCandidate], policy: PolicyFile,
+            deadline: float, queue: float, max_tokens: int) -> Refusal:
+    """Why nothing fits, the smallest deadline that would, and when to retry."""
+    prompt = max(request.prompt_tokens, 0)
+    routing = policy.routing
+    margin = safety_margin_ms(deadline, policy)
+    needs: list[tuple[float, VariantCandidate, int]] = []
+    for c in fitting:
+        minimum = min(routing.min_useful_tokens, max_tokens, c.n_ctx - prompt)
+        needs.append((predict_ms(c.profile, prompt, minimum), c, minimum))
+    need, fastest, minimum = min(needs, key=lambda item: item[0])
+    # D is feasible iff D - q - max(m, r*D) >= need  <=>  D >= q + m + need and D*(1-r) >= q + need
+    min_deadline = math.ceil(max(queue + routing.safety_margin_ms + need,
+                                 (queue + need) / (1 - routing.safety_margin_ratio)))
+    max_wait = deadline - margin - need  # the longest queue wait this deadline could absorb
+    if max_wait >= 0:
+        retry_after = max(1, math.ceil((queue - max_wait) / 1000))
+        why = f"the queue ({format_ms(queue)}) must first drain to {format_ms(max_wait)}"
+    else:
+        retry_after = max(1, math.ceil(queue / 1000))
+        why = "even with an empty queue it does not fit"
+    pinned = "pinned " if request.pinned is not None else ""
+    return Refusal(
+        reason=(f"deadline {format_ms(deadline)} is infeasible: the fastest useful answer "
+                f"({pinned}{fastest.name}, {minimum} tokens) needs {format_ms(need)} + "
+                f"{format_ms(queue)} queue + {format_ms(margin)} margin; {why}; the smallest "
+                f"deadline accepted now is {format_ms(min_deadline)}"),
+        code="deadline_infeasible",
+        retry_after_s=retry_after,
+        min_deadline_ms=float(min_deadline),
+    )

@@ -1,0 +1,173 @@
+"""Measure what a variant costs on this board: load, prefill and decode times.
+
+The samples go to routing.costs.fit_profile (pure); the profile is stored as JSON keyed by the
+GGUF's sha256, the thread count and the host, so a copied cache never lends one board's costs
+to another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from edgeserve.routing.costs import CostProfile, fit_profile
+from edgeserve.runtime.prepare import sha256_of
+from edgeserve.runtime.runner import GenerationJob, LlamaRunner, SamplingParams
+
+FILLER = (
+    "The committee met on Tuesday to review the harbour accounts, the new ferry timetable, "
+    "the repairs to the north pier and the budget for the winter lights festival. "
+)
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    prefill_lengths: tuple[int, ...] = (16, 64, 256, 512)
+    decode_contexts: tuple[int, ...] = (16, 512, 1024, 1536)
+    decode_tokens: int = 24
+
+    @staticmethod
+    def quick() -> CalibrationPlan:
+        return CalibrationPlan(prefill_lengths=(32, 256), decode_contexts=(16, 768), decode_tokens=16)
+
+
+@dataclass
+class CalibrationSamples:
+    prefill: list[tuple[int, float]] = field(default_factory=list)  # (prompt tokens, ms)
+    decode: list[tuple[int, float]] = field(default_factory=list)  # (context position, ms/token)
+
+
+def host_name() -> str:
+    return socket.gethostname()
+
+
+def profile_path(cache_dir: Path, sha256: str, n_threads: int, host: str) -> Path:
+    safe_host = "".join(c if c.isalnum() or c in "-_." else "_" for c in host)
+    return cache_dir / "profiles" / f"{sha256[:16]}-t{n_threads}-{safe_host}.json"
+
+
+def load_profile(path: Path) -> CostProfile | None:
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=CostProfile)
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+def save_profile(path: Path, profile: CostProfile) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_bytes(msgspec.json.format(msgspec.json.encode(profile)))
+    partial.replace(path)
+
+
+class HashIndex:
+    """sha256 of model files, remembered by (path, size, mtime): hashing 8 GB on a board is slow."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._known: dict[str, str] = msgspec.json.decode(path.read_bytes(), type=dict[str, str])
+        except (OSError, msgspec.DecodeError):
+            self._known = {}
+
+    def sha256(self, file: Path) -> str:
+        stat = file.stat()
+        key = hashlib.sha1(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+        if key not in self._known:
+            self._known[key] = sha256_of(file)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_bytes(msgspec.json.encode(self._known))
+        return self._known[key]
+
+
+def _filler_tokens(runner: LlamaRunner, n: int, salt: int) -> list[int]:
+    """n prompt tokens that start differently each time, so no prefix is reused from a cache."""
+    text = f"Record {salt}. " + FILLER * (n // 20 + 2)
+    return runner.tokenize(text, chat=False)[:n]
+
+
+async def measure(runner: LlamaRunner, plan: CalibrationPlan,
+                  progress: Callable[[str], None] | None = None) -> CalibrationSamples:
+    samples = CalibrationSamples()
+    greedy = SamplingParams(temperature=0.0)
+    salt = 0
+    for length in plan.prefill_lengths:
+        if length + 2 > runner.n_ctx:
+            continue
+        salt += 1
+        generation = runner.submit(GenerationJob(_filler_tokens(runner, length, salt), 1, greedy,
+                                                 ignore_eos=True))
+        await generation.text()
+        assert generation.result is not None
+        samples.prefill.append((generation.result.prompt_n, generation.result.prompt_ms))
+        if progress:
+            progress(f"{runner.variant_id}: prefill {length} tokens in {generation.result.prompt_ms:.0f} ms")
+    for context in plan.decode_contexts:
+        if context + plan.decode_tokens + 1 > runner.n_ctx:
+            continue
+        salt += 1
+        job = GenerationJob(_filler_tokens(runner, context, salt), plan.decode_tokens, greedy,
+                            ignore_eos=True)
+        generation = runner.submit(job)
+        await generation.text()
+        result = generation.result
+        assert result is not None
+        for i, ms in enumerate(result.token_ms):
+            samples.decode.append((result.prompt_n + i + 1, ms))
+        if progress and result.token_ms:
+            mean = sum(result.token_ms) / len(result.token_ms)
+            progress(f"{runner.variant_id}: decode at context {context}: {mean:.1f} ms/token")
+    return samples
+
+
+async def calibrate(runner: LlamaRunner, sha256: str, plan: CalibrationPlan,
+                    progress: Callable[[str], None] | None = None) -> CostProfile:
+    samples = await measure(runner, plan, progress)
+    return fit_profile(
+        samples.prefill,
+        samples.decode,
+        variant_id=runner.variant_id,
+        gguf_sha256=sha256,
+        n_threads=runner.config.threads,
+        host=host_name(),
+        load_ms=runner.load_ms or 0.0,
+    )
+
+
+async def ensure_profiles(
+    runners: list[LlamaRunner],
+    cache_dir: Path,
+    plan: CalibrationPlan,
+    progress: Callable[[str], None] | None = None,
+    *,
+    force: bool = False,
+) -> dict[str, CostProfile]:
+    """The stored profile of every runner, calibrating (and storing) the ones that have none
+    for this file, thread count and host."""
+    hashes = HashIndex(cache_dir / "profiles" / "hashes.json")
+    profiles: dict[str, CostProfile] = {}
+    host = host_name()
+    for runner in runners:
+        sha256 = await asyncio.to_thread(hashes.sha256, runner.path)
+        path = profile_path(cache_dir, sha256, runner.config.threads, host)
+        profile = None if force else load_profile(path)
+        if profile is None:
+            if progress:
+                progress(f"{runner.variant_id}: no cost profile for this board; calibrating")
+            profile = await calibrate(runner, sha256, plan, progress)
+            await asyncio.to_thread(save_profile, path, profile)
+        profiles[runner.variant_id] = profile
+    return profiles
+
+
+def store_profiles(profiles: dict[str, CostProfile], cache_dir: Path) -> None:
+    """Persist online-updated profiles (EWMA) so a restart starts from what was last seen."""
+    for profile in profiles.values():
+        if profile.gguf_sha256:
+            save_profile(profile_path(cache_dir, profile.gguf_sha256, profile.n_threads, profile.host), profile)
