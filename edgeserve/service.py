@@ -18,7 +18,14 @@ from edgeserve.routing.hints import apply_style_and_hint, hint_tokens_for
 from edgeserve.routing.policy import Decision, Refusal, RoutingRequest, VariantCandidate, choose
 from edgeserve.routing.policy_file import PolicyFile
 from edgeserve.runtime.registry import ModelRegistry, Target
-from edgeserve.runtime.runner import Generation, GenerationJob, GenerationResult, LlamaRunner, SamplingParams
+from edgeserve.runtime.runner import (
+    AnswerForcing,
+    Generation,
+    GenerationJob,
+    GenerationResult,
+    LlamaRunner,
+    SamplingParams,
+)
 from edgeserve.runtime.scheduler import Scheduler
 
 
@@ -35,6 +42,7 @@ class InferenceRequest:
     deadline_ms: int | None = None
     hint: bool | None = None  # None: the policy's default, when the budget means something
     style: str | None = None  # a prompt style of the policy file (boxed, aav) or none
+    answer_forcing: bool | None = None  # None: the policy's setting
     arrived: float = field(default_factory=time.perf_counter)
 
     @property
@@ -103,8 +111,17 @@ class Engine:
             prompt_text, tokens = await asyncio.to_thread(self._prompt, runner, request, decision.hint_tokens)
         runner.check_fits(len(tokens))
         max_tokens = min(decision.max_tokens, runner.n_ctx - len(tokens))
-        job = GenerationJob(tokens, max_tokens, request.sampling, request.stop, deadline_at=deadline_at)
+        job = GenerationJob(tokens, max_tokens, request.sampling, request.stop, deadline_at=deadline_at,
+                            forcing=self._forcing(runner, request))
         return Admission(decision.variant_id, runner, prompt_text, job, decision)
+
+    def _forcing(self, runner: LlamaRunner, request: InferenceRequest) -> AnswerForcing | None:
+        config = self.policy.answer_forcing
+        enabled = config.enabled if request.answer_forcing is None else request.answer_forcing
+        if not enabled or request.messages is None:
+            return None
+        prefix = tuple(runner.tokenize(config.prefix, chat=True))
+        return AnswerForcing(prefix, config.prefix, config.reserve_tokens)
 
     def _hint_on(self, request: InferenceRequest) -> bool:
         """The hint tells the model its budget, so by default it is only added when there is one:

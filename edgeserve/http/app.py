@@ -70,7 +70,8 @@ async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stre
 
 
 def _with_headers(request: Request[Any, Any, Any], domain: InferenceRequest, arrived: float) -> InferenceRequest:
-    """X-Deadline-Ms (ms from arrival), X-Budget-Hint (on|off), X-Prompt-Style (a policy style)."""
+    """X-Deadline-Ms (ms from arrival), X-Budget-Hint (on|off), X-Prompt-Style (a policy style),
+    X-Answer-Forcing (on|off)."""
     engine = _engine(request)
     headers = request.headers
     return replace(
@@ -79,6 +80,7 @@ def _with_headers(request: Request[Any, Any, Any], domain: InferenceRequest, arr
         deadline_ms=parse_deadline_ms(headers.get("x-deadline-ms"), request.app.state.default_deadline_ms),
         hint=parse_switch(headers.get("x-budget-hint"), "X-Budget-Hint"),
         style=parse_choice(headers.get("x-prompt-style"), "X-Prompt-Style", tuple(engine.policy.styles)),
+        answer_forcing=parse_switch(headers.get("x-answer-forcing"), "X-Answer-Forcing"),
     )
 
 

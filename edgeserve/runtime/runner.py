@@ -12,11 +12,11 @@ import codecs
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from edgeserve.config import VariantConfig
 from edgeserve.errors import (
@@ -49,6 +49,18 @@ class GenerationJob:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # calibration and benchmarks need a fixed number of tokens
     deadline_at: float | None = None  # time.perf_counter() by which the last token must be out
+    forcing: AnswerForcing | None = None
+
+
+@dataclass(frozen=True)
+class AnswerForcing:
+    """When only `reserve` tokens of the budget are left and `marker` has not appeared, feed
+    `prefix` (for example "\\nFinal answer: \\boxed{") so the model closes an answer in time."""
+
+    prefix_tokens: tuple[int, ...]
+    prefix_text: str
+    reserve: int
+    marker: str = "\\boxed{"
 
 
 @dataclass
@@ -107,6 +119,22 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return min(n, len(b) - 1)
+
+
+def forcing_depth(forcing: AnswerForcing | None) -> int:
+    """Braces the forced prefix leaves open (1 for "\\boxed{")."""
+    if forcing is None:
+        return 0
+    return max(0, forcing.prefix_text.count("{") - forcing.prefix_text.count("}"))
+
+
+def _until_closed(text: str, depth: int) -> tuple[str, int]:
+    """Cut `text` where `depth` open braces close; returns the kept text and the depth left."""
+    for i, char in enumerate(text):
+        depth += (char == "{") - (char == "}")
+        if depth == 0:
+            return text[: i + 1], 0
+    return text, depth
 
 
 def _next_token_s(token_ms: list[float]) -> float:
@@ -227,17 +255,26 @@ class LlamaRunner:
         if generation.cancelled:
             return GenerationResult("cancelled", len(job.prompt_tokens), 0.0, 0, 0.0)
         cached = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), job.prompt_tokens)
-        tokens = llm.generate(
-            job.prompt_tokens,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            temp=s.temperature,
-            repeat_penalty=s.repeat_penalty,
-            presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty,
-        )
-        for token in tokens:
+        context = list(job.prompt_tokens)
+
+        def generate_from(context: list[int]) -> Generator[int, None, None]:
+            return cast(Generator[int, None, None], llm.generate(
+                context,
+                top_k=s.top_k,
+                top_p=s.top_p,
+                min_p=s.min_p,
+                temp=s.temperature,
+                repeat_penalty=s.repeat_penalty,
+                presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty,
+            ))
+
+        tokens = generate_from(context)
+        forcing, window = job.forcing, ""
+        restart = False
+        open_braces = 0  # after forcing: the answer is complete when the \\boxed{ closes
+        token = next(tokens, None)
+        while token is not None:
             now = time.perf_counter()
             if last == started:
                 prompt_ms = (now - started) * 1000  # prefill + first sample
@@ -248,10 +285,29 @@ class LlamaRunner:
                 finish = "stop"
                 break
             n_generated += 1
-            piece = stops.feed(decoder.decode(llm.detokenize([token])))
+            context.append(token)
+            text = decoder.decode(llm.detokenize([token]))
+            if open_braces:
+                text, open_braces = _until_closed(text, open_braces)
+                if not open_braces:
+                    finish = "stop"
+            if forcing is not None:
+                window = (window + text)[-64:]
+                if forcing.marker in window:
+                    forcing = None
+                elif max_tokens - n_generated - len(forcing.prefix_tokens) <= forcing.reserve:
+                    # Feeding tokens into a running llama-cpp-python generator needs logits for
+                    # every position; instead restart from the extended context, which reuses
+                    # the whole KV cache and evaluates only the prefix.
+                    context.extend(forcing.prefix_tokens)
+                    text += forcing.prefix_text
+                    n_generated += len(forcing.prefix_tokens)
+                    forcing, restart = None, True
+                    open_braces = forcing_depth(job.forcing)
+            piece = stops.feed(text)
             if piece:
                 generation._emit(piece)
-            if stops.stopped:
+            if stops.stopped or finish == "stop":
                 finish = "stop"
                 break
             if n_generated >= max_tokens:
@@ -262,6 +318,10 @@ class LlamaRunner:
             if generation.cancelled:
                 finish = "cancelled"
                 break
+            if restart:
+                tokens.close()
+                tokens, restart = generate_from(context), False
+            token = next(tokens, None)
         tokens.close()
         tail = stops.flush() + decoder.decode(b"", final=True)
         if tail and finish != "cancelled":
