@@ -85,8 +85,8 @@ def max_new_tokens_within(
     profile: CostProfile, prompt_tokens: int, budget_ms: float, *, limit: int | None = None
 ) -> int:
     """The largest ``n`` with ``predict_ms(profile, prompt_tokens, n) <= budget_ms`` (0 if none),
-    capped at ``limit`` when given. Closed form, then corrected by one-token steps so the answer
-    agrees exactly with ``predict_ms`` despite rounding."""
+    capped at ``limit`` when given. Closed form, then a galloping/bisection check so the answer
+    agrees exactly with ``predict_ms`` despite rounding (a few steps; never a long walk)."""
     if not budget_ms >= 0 or (limit is not None and limit <= 0):  # also rejects NaN
         return 0
     rest = budget_ms - prefill_ms(profile, prompt_tokens)
@@ -100,16 +100,30 @@ def max_new_tokens_within(
     g = profile.decode_growth_ms_per_token_per_1k_ctx / 1000.0
     a = g / 2.0
     b = profile.decode_ms_per_token + g * (p + 0.5)
-    # a*s^2 + b*s <= rest, s = decode steps = n - 1
-    steps = rest / b if a == 0 else (-b + math.sqrt(b * b + 4 * a * rest)) / (2 * a)
-    n = int(min(steps, float(limit if limit is not None else 2**62))) + 1
-    if limit is not None:
-        n = min(n, limit)
-    while n > 0 and predict_ms(profile, prompt_tokens, n) > budget_ms:
-        n -= 1
-    while (limit is None or n < limit) and predict_ms(profile, prompt_tokens, n + 1) <= budget_ms:
-        n += 1
-    return n
+    # a*s^2 + b*s <= rest, s = decode steps = n - 1; the root in its cancellation-free form
+    steps = 2 * rest / (b + math.sqrt(b * b + 4 * a * rest))
+    ceiling = limit if limit is not None else 2**62
+    n = min(int(min(steps, float(ceiling))) + 1, ceiling)
+
+    def fits(k: int) -> bool:
+        return predict_ms(profile, prompt_tokens, k) <= budget_ms
+
+    if fits(n):  # search up: the estimate may be a little low
+        step = 1
+        while n < ceiling and fits(min(n + step, ceiling)):
+            n = min(n + step, ceiling)
+            step *= 2
+        high = min(n + step, ceiling + 1)  # fits(n), not fits(high) (or beyond the ceiling)
+        low = n
+    else:  # search down
+        low, high = 0, n
+    while high - low > 1:  # invariant: fits(low) (or low == 0), not fits(high)
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 # ---- fitting --------------------------------------------------------------------------------

@@ -48,9 +48,12 @@ class QualityCurve(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
         prev_budget, prev_acc = 0.0, 0.0
         for b, acc in zip(self.budgets, self.accuracies, strict=True):
             acc = max(acc, prev_acc)
-            if budget <= b:
-                return prev_acc + (acc - prev_acc) * (budget - prev_budget) / (b - prev_budget)
-            prev_budget, prev_acc = float(b), acc
+            if budget >= b:
+                prev_budget, prev_acc = float(b), acc
+                continue
+            share = (budget - prev_budget) / (b - prev_budget)
+            # clamped so float rounding cannot break monotonicity at the measured points
+            return min(max(prev_acc + (acc - prev_acc) * share, prev_acc), acc)
         return prev_acc
 
     @property

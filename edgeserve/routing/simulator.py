@@ -16,6 +16,7 @@ import heapq
 import math
 import random
 from collections.abc import Sequence
+from typing import Annotated
 
 import msgspec
 
@@ -34,8 +35,8 @@ class Arrival(msgspec.Struct, frozen=True, kw_only=True):
     """One line of a trace (JSONL): times in ms; ``deadline_ms`` is relative to the arrival."""
 
     arrival_ms: float
-    prompt_tokens: int
-    max_tokens: int | None = None
+    prompt_tokens: Annotated[int, msgspec.Meta(ge=0)]
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     deadline_ms: float | None = None
 
 

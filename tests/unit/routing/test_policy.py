@@ -1,0 +1,273 @@
+"""Table-driven tests of choose on hand-computable numbers.
+
+fast: 10 ms/token, curve 0.3 @100 → 0.4 @200; slow: 30 ms/token, curve 0.2 @100 → 0.8 @200
+(0 → first point linear, flat after). predict_ms(n) = n × ms/token. No safety margin unless
+a test sets one; min_useful_tokens 16; default max_tokens 256.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+import pytest
+
+from edgeserve.routing.policy import (
+    Decision,
+    Refusal,
+    RoutingRequest,
+    VariantCandidate,
+    choose,
+    format_ms,
+    uncovered_variants,
+)
+from edgeserve.routing.policy_file import PolicyFile, parse_policy
+from tests.unit.routing.conftest import SIMPLE_POLICY, candidate
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    deadline: float | None
+    variant: str
+    tokens: int
+    accuracy: float
+    queue: float = 0.0
+    max_tokens: int | None = None
+    pinned: str | None = None
+
+
+CASES = [
+    # the crossover: the fast variant while the slow one cannot reach its good part of the curve
+    Case("short deadline → fast", 1000, "fast", 100, 0.3),
+    Case("medium deadline → fast at its cap", 3000, "fast", 256, 0.4),
+    Case("just below the crossover", 4000, "fast", 256, 0.4),
+    Case("just above the crossover", 4020, "slow", 134, 0.404),
+    Case("long deadline → slow", 6000, "slow", 200, 0.8),
+    Case("very long deadline → slow at the cap", 60_000, "slow", 256, 0.8),
+    # the queue wait comes off the deadline
+    Case("queue shrinks the budget", 1000, "fast", 50, 0.15, queue=500),
+    Case("queue pushes back below the crossover", 6000, "fast", 256, 0.4, queue=2000),
+    # no deadline: best accuracy at the requested max_tokens
+    Case("no deadline → best curve", None, "slow", 256, 0.8),
+    Case("no deadline, small max_tokens", None, "fast", 100, 0.3, max_tokens=100),
+    # requested max_tokens caps every variant
+    Case("max_tokens respected", 6000, "fast", 50, 0.15, max_tokens=50),
+    Case("max_tokens below min useful is its own minimum", 100, "fast", 8, 0.024, max_tokens=8),
+    # pins: kept, capped by the deadline
+    Case("pinned slow, capped", 1000, "slow", 33, 0.066, pinned="fam:slow"),
+    Case("pinned fast where slow would win", 6000, "fast", 256, 0.4, pinned="fam:fast"),
+    Case("pinned, no deadline", None, "fast", 256, 0.4, pinned="fam:fast"),
+    Case("pinned, queue counts", 1000, "slow", 16, 0.032, queue=520, pinned="fam:slow"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_choose(case: Case, simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
+    request = RoutingRequest(prompt_tokens=50, requested_max_tokens=case.max_tokens,
+                             deadline_ms=case.deadline, pinned=case.pinned)
+    decision = choose(request, fast_slow, simple_policy, case.queue)
+    assert isinstance(decision, Decision), decision
+    assert decision.variant_name == case.variant
+    assert decision.variant_id == f"fam:{case.variant}"
+    assert decision.max_tokens == case.tokens
+    assert decision.expected_accuracy == pytest.approx(case.accuracy)
+    ms = 10.0 if case.variant == "fast" else 30.0
+    assert decision.predicted_ms == pytest.approx(case.tokens * ms)
+    assert decision.hint_tokens == max(1, case.tokens // 2)
+    assert decision.style == "boxed"
+    assert decision.queue_wait_ms == case.queue
+    if case.deadline is not None:
+        assert decision.predicted_ms + case.queue <= case.deadline
+    assert case.variant in decision.reason
+
+
+@pytest.mark.parametrize("deadline,queue,retry,min_deadline", [
+    (100, 0, 1, 160),        # 16 fast tokens need 160 ms; an empty queue does not help
+    (150, 0, 1, 160),
+    (2000, 5000, 4, 5160),   # the queue must drain from 5 s to 1.84 s
+    (2000, 1900, 1, 2060),
+    (100, 3500, 4, 3660),    # never fits this deadline: retry when the queue is empty
+])
+def test_infeasible_deadlines_are_refused_with_retry_after(
+        deadline: float, queue: float, retry: int, min_deadline: float,
+        simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
+    refusal = choose(RoutingRequest(prompt_tokens=50, deadline_ms=deadline), fast_slow,
+                     simple_policy, queue)
+    assert isinstance(refusal, Refusal)
+    assert refusal.code == "deadline_infeasible"
+    assert refusal.retry_after_s == retry
+    assert refusal.min_deadline_ms == min_deadline
+    assert "infeasible" in refusal.reason and "fast" in refusal.reason
+    accepted = choose(RoutingRequest(prompt_tokens=50, deadline_ms=min_deadline), fast_slow,
+                      simple_policy, queue)
+    assert isinstance(accepted, Decision)
+    assert accepted.max_tokens == 16
+
+
+def test_retry_after_is_when_the_queue_has_drained_enough(
+        simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
+    refusal = choose(RoutingRequest(prompt_tokens=50, deadline_ms=2000), fast_slow,
+                     simple_policy, 5000)
+    assert isinstance(refusal, Refusal) and refusal.retry_after_s is not None
+    later = choose(RoutingRequest(prompt_tokens=50, deadline_ms=2000), fast_slow, simple_policy,
+                   5000 - 1000 * refusal.retry_after_s)
+    assert isinstance(later, Decision)
+
+
+def test_pinned_variant_that_cannot_reach_its_minimum_is_refused(
+        simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
+    # the fast variant would fit 40 tokens, but the pin keeps the slow one: 13 < 16
+    refusal = choose(RoutingRequest(prompt_tokens=50, deadline_ms=400, pinned="fam:slow"),
+                     fast_slow, simple_policy, 0)
+    assert isinstance(refusal, Refusal)
+    assert refusal.code == "deadline_infeasible"
+    assert refusal.min_deadline_ms == 480
+    assert "pinned slow" in refusal.reason
+
+
+@pytest.mark.parametrize("pinned,available,code", [
+    ("fam:nope", True, "variant_unavailable"),
+    ("fam:slow", False, "variant_unavailable"),
+    (None, False, "variant_unavailable"),
+])
+def test_unavailable(pinned: str | None, available: bool, code: str,
+                     simple_policy: PolicyFile) -> None:
+    candidates = [candidate("fast", 10, available=available),
+                  candidate("slow", 30, available=available)]
+    result = choose(RoutingRequest(prompt_tokens=5, deadline_ms=10_000, pinned=pinned),
+                    candidates, simple_policy, 0)
+    assert isinstance(result, Refusal)
+    assert result.code == code
+    assert result.retry_after_s is None
+
+
+def test_unavailable_variants_are_skipped(simple_policy: PolicyFile) -> None:
+    candidates = [candidate("fast", 10), candidate("slow", 30, available=False)]
+    decision = choose(RoutingRequest(prompt_tokens=5, deadline_ms=60_000), candidates,
+                      simple_policy, 0)
+    assert isinstance(decision, Decision) and decision.variant_name == "fast"
+
+
+def test_context_caps_the_budget_and_can_rule_a_variant_out(simple_policy: PolicyFile) -> None:
+    candidates = [candidate("fast", 10), candidate("slow", 30, n_ctx=230)]
+    decision = choose(RoutingRequest(prompt_tokens=50, deadline_ms=60_000), candidates,
+                      simple_policy, 0)
+    assert isinstance(decision, Decision)
+    assert (decision.variant_name, decision.max_tokens) == ("slow", 180)
+    assert "capped by the context" in decision.reason
+    tiny = [candidate("fast", 10, n_ctx=40), candidate("slow", 30, n_ctx=50)]
+    refusal = choose(RoutingRequest(prompt_tokens=50, deadline_ms=60_000), tiny, simple_policy, 0)
+    assert isinstance(refusal, Refusal) and refusal.code == "context_length_exceeded"
+
+
+TIE_POLICY = b"""
+name = "tie"
+[routing]
+safety_margin_ms = 0
+safety_margin_ratio = 0
+[curves.a.boxed]
+budgets = [100]
+accuracy = [0.5]
+[curves.b.boxed]
+budgets = [100]
+accuracy = [0.5]
+"""
+
+
+@pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
+@pytest.mark.parametrize("deadline", [None, 10_000.0])
+def test_ties_go_to_the_faster_variant(order: tuple[str, str], deadline: float | None) -> None:
+    policy = parse_policy(TIE_POLICY, "tie.toml")
+    speeds = {"a": 30.0, "b": 10.0}
+    candidates = [candidate(name, speeds[name]) for name in order]
+    decision = choose(RoutingRequest(prompt_tokens=10, deadline_ms=deadline), candidates,
+                      policy, 0)
+    assert isinstance(decision, Decision)
+    assert decision.variant_name == "b"
+    assert decision.expected_accuracy == pytest.approx(0.5)
+
+
+def test_equal_speed_and_accuracy_keeps_the_candidate_order() -> None:
+    policy = parse_policy(TIE_POLICY, "tie.toml")
+    for order in (("a", "b"), ("b", "a")):
+        candidates = [candidate(name, 10.0) for name in order]
+        decision = choose(RoutingRequest(prompt_tokens=10), candidates, policy, 0)
+        assert isinstance(decision, Decision) and decision.variant_name == order[0]
+
+
+def test_safety_margin_is_the_larger_of_fixed_and_ratio(
+        fast_slow: list[VariantCandidate]) -> None:
+    policy = parse_policy(SIMPLE_POLICY.replace(b"safety_margin_ms = 0", b"safety_margin_ms = 200")
+                          .replace(b"safety_margin_ratio = 0", b"safety_margin_ratio = 0.1"),
+                          "m.toml")
+    short = choose(RoutingRequest(prompt_tokens=5, deadline_ms=1000), fast_slow, policy, 0)
+    assert isinstance(short, Decision) and short.max_tokens == 80  # 1000 − 200
+    long = choose(RoutingRequest(prompt_tokens=5, deadline_ms=3000, requested_max_tokens=1000),
+                  fast_slow, policy, 0)
+    assert isinstance(long, Decision) and long.max_tokens == 270  # 3000 − 300
+    assert "margin" in long.reason
+
+
+def test_hint_and_style_follow_the_request(simple_policy: PolicyFile,
+                                           fast_slow: list[VariantCandidate]) -> None:
+    off = choose(RoutingRequest(prompt_tokens=5, deadline_ms=1000, hint=False), fast_slow,
+                 simple_policy, 0)
+    assert isinstance(off, Decision) and off.hint_tokens is None
+    # no aav curve: the boxed (default style) curve is used, the style is still reported
+    aav = choose(RoutingRequest(prompt_tokens=5, deadline_ms=1000, style="aav"), fast_slow,
+                 simple_policy, 0)
+    assert isinstance(aav, Decision)
+    assert aav.style == "aav" and aav.expected_accuracy == pytest.approx(0.3)
+
+
+def test_hint_off_in_the_policy() -> None:
+    policy = parse_policy(SIMPLE_POLICY + b"[hint]\nenabled = false\n", "h.toml")
+    decision = choose(RoutingRequest(prompt_tokens=5), [candidate("fast", 10)], policy, 0)
+    assert isinstance(decision, Decision) and decision.hint_tokens is None
+    forced = choose(RoutingRequest(prompt_tokens=5, hint=True), [candidate("fast", 10)], policy, 0)
+    assert isinstance(forced, Decision) and forced.hint_tokens == 128
+
+
+def test_variants_without_curves_score_zero(simple_policy: PolicyFile) -> None:
+    candidates = [candidate("mystery", 1.0), candidate("fast", 10.0)]
+    assert uncovered_variants(simple_policy, ["mystery", "fast"]) == ["mystery"]
+    decision = choose(RoutingRequest(prompt_tokens=5, deadline_ms=1000), candidates,
+                      simple_policy, 0)
+    assert isinstance(decision, Decision) and decision.variant_name == "fast"
+    # nothing measured at all: everything scores 0 and the fastest wins the tie
+    bare = parse_policy(b'name = "bare"\n', "bare.toml")
+    decision = choose(RoutingRequest(prompt_tokens=5, deadline_ms=1000),
+                      [candidate("fast", 10.0), candidate("mystery", 1.0)], bare, 0)
+    assert isinstance(decision, Decision)
+    assert decision.variant_name == "mystery" and decision.expected_accuracy == 0.0
+    assert "no quality curve" in decision.reason
+
+
+def test_reason_reads_like_a_sentence(simple_policy: PolicyFile,
+                                      fast_slow: list[VariantCandidate]) -> None:
+    decision = choose(RoutingRequest(prompt_tokens=50, deadline_ms=6000), fast_slow,
+                      simple_policy, 300)
+    assert isinstance(decision, Decision)
+    assert decision.reason == ("slow: 0.74 expected accuracy at 190 tokens in 5.7 s ≤ 6.0 s − "
+                               "300 ms queue − 0 ms margin; fast 0.40 at 256")
+
+
+def test_bad_max_tokens_is_a_programming_error(simple_policy: PolicyFile,
+                                               fast_slow: list[VariantCandidate]) -> None:
+    with pytest.raises(ValueError):
+        choose(RoutingRequest(prompt_tokens=5, requested_max_tokens=0), fast_slow,
+               simple_policy, 0)
+
+
+@pytest.mark.parametrize("ms,text", [(850, "850 ms"), (4100, "4.1 s"), (725_000, "12 min 5 s"),
+                                     (9_240_000, "2 h 34 min")])
+def test_format_ms(ms: float, text: str) -> None:
+    assert format_ms(ms) == text
+
+
+def test_decisions_serialise() -> None:
+    decision = Decision(variant_id="f:q", variant_name="q", max_tokens=1, hint_tokens=None,
+                        predicted_ms=1.0, expected_accuracy=0.1, reason="r", style="boxed",
+                        deadline_ms=None, queue_wait_ms=0.0)
+    assert msgspec.json.decode(msgspec.json.encode(decision), type=Decision) == decision

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import pytest
+
+from edgeserve.errors import ConfigError
+from edgeserve.routing.policy_file import (
+    BUILTIN_STYLES,
+    PolicyFileError,
+    default_policy,
+    parse_policy,
+)
+from tests.unit.routing.conftest import POLICIES
+
+SOURCE = "policies/broken.toml"
+CURVE = "budgets = [64, 128]\naccuracy = [0.1, 0.2]\n"
+
+
+@pytest.mark.parametrize("name", ["default.toml", "llama31-8b-rk3568.toml"])
+def test_shipped_policies_parse(name: str) -> None:
+    policy = parse_policy((POLICIES / name).read_bytes(), name)
+    assert policy.default_style == "boxed"
+    assert {"boxed", "aav"} <= set(policy.styles)
+    assert policy.hint.template == "You MUST respond in **UNDER {n} tokens**"
+    assert policy.hint.ratio == 0.5
+    assert policy.answer_forcing.prefix == "\nFinal answer: \\boxed{"
+    assert policy.curves
+
+
+def test_default_policy_shape() -> None:
+    policy = parse_policy((POLICIES / "default.toml").read_bytes(), "default.toml")
+    assert policy.family == "smollm2-135m"
+    assert set(policy.curves) == {"q2_k", "q4_1", "q8_0"}
+    for style in ("boxed", "aav"):
+        q2, q4, q8 = (policy.curves[v][style] for v in ("q2_k", "q4_1", "q8_0"))
+        for budget in (16, 64, 256, 1000):
+            assert q8.accuracy(budget) == q4.accuracy(budget) > q2.accuracy(budget)
+            assert q4.accuracy(budget) < 0.05  # a 135M model solves a few % of GSM8K
+
+
+def test_study_policy_matches_the_published_figures() -> None:
+    policy = parse_policy((POLICIES / "llama31-8b-rk3568.toml").read_bytes(), "study")
+    assert policy.curves["q2_k"]["boxed-nohint"].accuracy_unlimited == pytest.approx(0.516)
+    assert policy.curves["q8_0"]["boxed-nohint"].accuracy_unlimited == pytest.approx(0.709)
+
+
+def test_minimal_file_gets_defaults_and_builtin_styles() -> None:
+    policy = parse_policy(b'name = "tiny"\n', "tiny.toml")
+    assert policy.styles == BUILTIN_STYLES
+    assert policy.routing.min_useful_tokens == 16
+    assert policy.routing.safety_margin_ms == 50
+    assert policy.routing.safety_margin_ratio == 0.05
+    assert policy.routing.default_max_tokens == 256
+    assert policy.hint.enabled is True
+    assert policy.answer_forcing.enabled is False
+    assert policy.answer_forcing.reserve_tokens == 24
+    assert default_policy().styles == BUILTIN_STYLES
+
+
+def test_a_file_may_override_and_add_styles() -> None:
+    policy = parse_policy(b'name = "x"\ndefault_style = "terse"\n[styles.terse]\n'
+                          b'instruction = "Answer in one line."\n[styles.boxed]\n'
+                          b'instruction = "Box it."\n', "x.toml")
+    assert policy.styles["terse"].instruction == "Answer in one line."
+    assert policy.styles["boxed"].instruction == "Box it."
+    assert policy.styles["aav"] == BUILTIN_STYLES["aav"]
+
+
+@pytest.mark.parametrize("text,where", [
+    ('colour = "red"\n', "unknown field `colour`"),
+    ("", "missing required field `name`"),
+    ('name = "x"\n[routing]\nmin_useful_tokens = 0\n', "at routing.min_useful_tokens"),
+    ('name = "x"\n[routing]\nsafety_margin_ratio = 1.0\n', "at routing.safety_margin_ratio"),
+    ('name = "x"\n[routing]\nsafety_margin_ms = "50"\n', "at routing.safety_margin_ms"),
+    ('name = "x"\n[routing]\nretries = 3\n', "at routing: Object contains unknown field `retries`"),
+    ('name = "x"\n[hint]\nratio = 0\n', "at hint.ratio"),
+    ('name = "x"\n[hint]\ntemplate = "be brief"\n', "at hint.template: must contain {n}"),
+    ('name = "x"\n[hint]\ntemplate = "under {n} {unit}"\n', "at hint.template"),
+    ('name = "x"\n[answer_forcing]\nreserve_tokens = 0\n', "at answer_forcing.reserve_tokens"),
+    ('name = "x"\ndefault_style = "fancy"\n', "at default_style: 'fancy' is not one of"),
+    ('name = "x"\n[styles.terse]\ntext = "hi"\n', "at styles"),
+    ('name = "x"\n[curves.q8_0.boxed]\nbudgets = [128, 64]\naccuracy = [0.1, 0.2]\n',
+     "at curves.q8_0.boxed: `budgets` must increase strictly"),
+    ('name = "x"\n[curves.q8_0.boxed]\nbudgets = [64, 128]\naccuracy = [0.1, 1.2]\n',
+     "at curves.q8_0.boxed.accuracy[1]"),
+    ('name = "x"\n[curves.q8_0.boxed]\nbudgets = [64, 128]\naccuracy = [0.1]\n',
+     "at curves.q8_0.boxed: `budgets` has 2 entries but `accuracy` has 1"),
+    ('name = "x"\n[curves.q8_0.boxed]\n' + CURVE + "unlimted = 0.5\n",
+     "at curves.q8_0.boxed: Object contains unknown field `unlimted`"),
+    ('name = "x"\n[curves.q8_0.boxed]\nbudgets = [64]\n',
+     "at curves.q8_0.boxed: Object missing required field `accuracy`"),
+    ('name = "x"\n[curves.q8_0.fancy]\n' + CURVE, "at curves.q8_0.fancy: unknown style 'fancy'"),
+    ('name = "x"\n[curves]\nq8_0 = 3\n', "at curves.q8_0: expected a table of styles"),
+    ('name = "x"\ncurves = 3\n', "at curves: expected a table"),
+    ('name = "x"\n[curves.q8_0\n', "not valid TOML"),
+])
+def test_errors_name_the_file_and_the_field(text: str, where: str) -> None:
+    with pytest.raises(PolicyFileError) as info:
+        parse_policy(text.encode(), SOURCE)
+    message = str(info.value)
+    assert message.startswith(f"{SOURCE}: ")
+    assert where in message
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, ConfigError)  # the CLI prints it like a models.toml error
+
+
+def test_curve_lookup_order() -> None:
+    text = ('name = "x"\n'
+            '[curves.a.boxed]\nbudgets = [10]\naccuracy = [0.1]\n'
+            '[curves.a.boxed-nohint]\nbudgets = [10]\naccuracy = [0.2]\n'
+            '[curves.a.aav-nohint]\nbudgets = [10]\naccuracy = [0.3]\n'
+            '[curves.b.boxed-nohint]\nbudgets = [10]\naccuracy = [0.4]\n')
+    policy = parse_policy(text.encode(), "x.toml")
+
+    def value(variant: str, style: str | None, hint: bool) -> float | None:
+        curve = policy.curve_for(variant, style, hint)
+        return None if curve is None else curve.accuracy(10)
+
+    assert value("a", "boxed", True) == 0.1
+    assert value("a", "boxed", False) == 0.2
+    assert value("a", None, True) == 0.1
+    assert value("a", "aav", False) == 0.3
+    assert value("a", "aav", True) == 0.3  # only the no-hint curve exists for aav
+    assert value("b", "aav", True) == 0.4  # falls back to the default style
+    assert value("c", "boxed", True) is None

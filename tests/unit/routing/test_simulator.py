@@ -1,0 +1,234 @@
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from edgeserve.routing.costs import predict_ms
+from edgeserve.routing.policy import Decision, RoutingRequest, VariantCandidate, choose
+from edgeserve.routing.policy_file import PolicyFile
+from edgeserve.routing.simulator import (
+    Arrival,
+    accuracy_vs_deadline,
+    crossover_deadline,
+    deadline_grid,
+    deadline_range,
+    simulate,
+    sweep_trace,
+)
+from edgeserve.simulate import add_simulate_parser, main, run_simulate
+from tests.unit.routing.conftest import POLICIES
+
+PROMPT = 150
+HOUR = 3_600_000.0
+
+
+def pick(policy: PolicyFile, candidates: list[VariantCandidate], deadline: float,
+         **kwargs: object) -> str | None:
+    decision = choose(RoutingRequest(prompt_tokens=PROMPT, deadline_ms=deadline,
+                                     **kwargs),  # type: ignore[arg-type]
+                      candidates, policy, 0)
+    return decision.variant_name if isinstance(decision, Decision) else None
+
+
+# ---- the study's qualitative result ---------------------------------------------------------
+
+
+def test_study_q2k_below_the_crossover_q8_above(study_policy: PolicyFile,
+                                                study_candidates: list[VariantCandidate]) -> None:
+    crossover = crossover_deadline(study_policy, study_candidates, PROMPT)
+    assert crossover is not None
+    assert 1 * HOUR < crossover < 6 * HOUR
+    assert pick(study_policy, study_candidates, crossover) == "q8_0"
+    assert pick(study_policy, study_candidates, crossover - 1000) == "q2_k"
+    lo, hi = deadline_range(study_policy, study_candidates, PROMPT)
+    rows = accuracy_vs_deadline(study_policy, study_candidates, PROMPT,
+                                deadline_grid(lo, hi, 40))
+    chosen = [row.variant for row in rows if row.variant is not None]
+    assert rows[0].variant is None  # the shortest deadline fits nothing
+    assert chosen == sorted(chosen)  # q2_k ... q2_k, q8_0 ... q8_0: one switch
+    for row in rows:
+        if row.variant is None:
+            continue
+        assert row.variant == ("q2_k" if row.deadline_ms < crossover else "q8_0")
+        assert row.expected_accuracy == max(row.per_variant.values())
+    # with no deadline (best quality) the 8-bit model wins, as at unlimited budget in the study
+    assert pick(study_policy, study_candidates, None) == "q8_0"  # type: ignore[arg-type]
+
+
+def test_study_hints_and_aav_make_q8_overtake_sooner(
+        study_policy: PolicyFile, study_candidates: list[VariantCandidate]) -> None:
+    with_hint = crossover_deadline(study_policy, study_candidates, PROMPT, hint=True)
+    without = crossover_deadline(study_policy, study_candidates, PROMPT, hint=False)
+    aav = crossover_deadline(study_policy, study_candidates, PROMPT, style="aav", hint=True)
+    assert with_hint is not None and without is not None and aav is not None
+    assert aav < with_hint < without
+
+
+def test_crossover_is_none_when_the_slow_variant_never_wins(
+        simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
+    assert crossover_deadline(simple_policy, fast_slow, 50, max_tokens=100) is None
+    at = crossover_deadline(simple_policy, fast_slow, 50)
+    assert at is not None and 4000 < at <= 4020
+
+
+# ---- the simulated queue --------------------------------------------------------------------
+
+
+def test_queue_waits_are_told_to_the_policy(simple_policy: PolicyFile,
+                                            fast_slow: list[VariantCandidate]) -> None:
+    trace = [Arrival(arrival_ms=0, prompt_tokens=50, max_tokens=100, deadline_ms=5000),
+             Arrival(arrival_ms=0, prompt_tokens=50, max_tokens=100, deadline_ms=5000),
+             Arrival(arrival_ms=100, prompt_tokens=50, max_tokens=100, deadline_ms=1500)]
+    result = simulate(trace, fast_slow, simple_policy)
+    first, second, third = result.outcomes
+    assert first.queue_estimate_ms == 0 and first.finish_ms == 1000
+    assert second.queue_estimate_ms == 1000
+    # EDF: the third has the earliest deadline, so it waits only for the running job
+    assert third.queue_estimate_ms == pytest.approx(900)
+    assert third.start_ms == 1000 and second.start_ms == third.finish_ms
+    assert result.hit_rate == 1.0 and result.refused == 0
+    assert result.variant_shares == {"fast": 1.0}
+
+
+def test_overload_is_refused_fast_and_admitted_requests_meet_deadlines(
+        study_policy: PolicyFile, study_candidates: list[VariantCandidate]) -> None:
+    trace = [Arrival(arrival_ms=i * 60_000.0, prompt_tokens=PROMPT, deadline_ms=2 * HOUR)
+             for i in range(20)]
+    result = simulate(trace, study_candidates, study_policy)
+    assert result.refused > 0 and result.refusals_by_code == {"deadline_infeasible": result.refused}
+    assert result.hit_rate == 1.0
+    assert result.served_rate is not None and result.served_rate < 1.0
+    assert result.mean_expected_accuracy_all < (result.mean_expected_accuracy or 0)
+
+
+def test_noise_is_seeded_and_overruns_are_cut_at_the_deadline(
+        study_policy: PolicyFile, study_candidates: list[VariantCandidate]) -> None:
+    trace = sweep_trace(study_policy, study_candidates, PROMPT, 30)
+    one = simulate(trace, study_candidates, study_policy, noise=0.3, seed=1)
+    again = simulate(trace, study_candidates, study_policy, noise=0.3, seed=1)
+    other = simulate(trace, study_candidates, study_policy, noise=0.3, seed=2)
+    assert one == again
+    assert one.outcomes != other.outcomes
+    missed = [o for o in one.outcomes if o.met_deadline is False]
+    assert missed, "σ=0.3 should push some requests past the 5 % margin"
+    for o in missed:
+        assert o.finish_ms is not None and o.arrival.deadline_ms is not None
+        assert o.finish_ms <= o.arrival.arrival_ms + o.arrival.deadline_ms
+        assert o.realized_accuracy <= o.expected_accuracy
+    exact = simulate(trace, study_candidates, study_policy)
+    assert exact.hit_rate == 1.0
+    assert exact.mean_realized_accuracy_all == exact.mean_expected_accuracy_all
+
+
+def test_requests_without_deadline_go_last(simple_policy: PolicyFile,
+                                           fast_slow: list[VariantCandidate]) -> None:
+    trace = [Arrival(arrival_ms=0, prompt_tokens=50, max_tokens=100),
+             Arrival(arrival_ms=1, prompt_tokens=50, max_tokens=100),
+             Arrival(arrival_ms=2, prompt_tokens=50, max_tokens=16, deadline_ms=10_000)]
+    result = simulate(trace, fast_slow, simple_policy)
+    running, waiting, urgent = result.outcomes
+    assert urgent.start_ms == running.finish_ms
+    assert waiting.start_ms == urgent.finish_ms
+    assert waiting.met_deadline is None and result.with_deadline == 1
+
+
+def test_sweep_spaces_requests_so_none_waits(study_policy: PolicyFile,
+                                            study_candidates: list[VariantCandidate]) -> None:
+    trace = sweep_trace(study_policy, study_candidates, PROMPT, 10)
+    result = simulate(trace, study_candidates, study_policy)
+    assert all(o.queue_estimate_ms == 0 for o in result.outcomes)
+    assert set(result.variant_shares) == {"q2_k", "q8_0"}
+    assert sum(result.variant_shares.values()) == pytest.approx(1.0)
+
+
+def test_deadline_grid() -> None:
+    grid = deadline_grid(100, 10_000, 5)
+    assert grid == [100.0, 316.0, 1000.0, 3162.0, 10000.0]
+
+
+def test_range_covers_first_feasible_to_full_budget(
+        study_policy: PolicyFile, study_candidates: list[VariantCandidate]) -> None:
+    lo, hi = deadline_range(study_policy, study_candidates, PROMPT)
+    q2 = study_candidates[0].profile
+    q8 = study_candidates[1].profile
+    assert lo < predict_ms(q2, PROMPT, 16) < hi
+    assert predict_ms(q8, PROMPT, 1024) < hi
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_simulate_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["simulate", *argv])
+
+
+STUDY = ["--policy", str(POLICIES / "llama31-8b-rk3568.toml"),
+         "--profile", str(POLICIES / "llama31-8b-rk3568.profile.json")]
+
+
+def test_run_simulate_prints_the_crossover(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_simulate(parse(STUDY)) == 0
+    out = capsys.readouterr().out
+    assert "hit rate 100.0 %" in out
+    assert "variant shares: q2_k" in out and "q8_0" in out
+    assert "accuracy vs deadline" in out
+    assert "crossover: q8_0 overtakes q2_k at a deadline of 2 h 49 min" in out
+
+
+def test_run_simulate_with_a_trace_and_a_keyed_profile(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    profiles = json.loads((POLICIES / "llama31-8b-rk3568.profile.json").read_text())
+    keyed = tmp_path / "profiles.json"
+    keyed.write_text(json.dumps({p["variant_id"]: p for p in profiles}))
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("# two requests\n"
+                     '{"arrival_ms": 0, "prompt_tokens": 150, "max_tokens": 256, '
+                     '"deadline_ms": 7200000}\n\n'
+                     '{"arrival_ms": 10, "prompt_tokens": 150, "max_tokens": null, '
+                     '"deadline_ms": 60000}\n')
+    argv = ["--policy", str(POLICIES / "llama31-8b-rk3568.toml"), "--profile", str(keyed),
+            "--trace", str(trace), "--hint", "off", "--rows", "5"]
+    assert run_simulate(parse(argv)) == 0
+    out = capsys.readouterr().out
+    assert "requests 2  admitted 1  refused 1 (deadline_infeasible 1)" in out
+    assert "hint off" in out
+    assert "crossover: q8_0 overtakes q2_k at a deadline of 3 h 32 min" in out
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"trace.jsonl": '{"arrival_ms": "soon"}\n'}, "trace.jsonl:1"),
+    ({"profile.json": "[]"}, "no cost profiles"),
+    ({"profile.json": '[{"variant_id": "x"}]'}, "profile.json"),
+    ({"policy.toml": 'name = "x"\n[routing]\nmin_useful_tokens = -1\n'},
+     "policy.toml: at routing.min_useful_tokens"),
+])
+def test_bad_inputs_fail_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         files: dict[str, str], message: str) -> None:
+    paths = {"policy.toml": POLICIES / "llama31-8b-rk3568.toml",
+             "profile.json": POLICIES / "llama31-8b-rk3568.profile.json"}
+    for name, text in files.items():
+        paths[name] = tmp_path / name
+        paths[name].write_text(text)
+    argv = ["--policy", str(paths["policy.toml"]), "--profile", str(paths["profile.json"])]
+    if "trace.jsonl" in paths:
+        argv += ["--trace", str(paths["trace.jsonl"])]
+    assert run_simulate(parse(argv)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_module_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*STUDY, "--style", "aav", "--requests", "5", "--rows", "4"]) == 0
+    assert "crossover: q8_0 overtakes q2_k at a deadline of 2 h 3 min" in capsys.readouterr().out
+
+
+def test_simulation_results_serialise(study_policy: PolicyFile,
+                                      study_candidates: list[VariantCandidate]) -> None:
+    result = simulate(sweep_trace(study_policy, study_candidates, PROMPT, 3), study_candidates,
+                      study_policy)
+    assert json.loads(msgspec.json.encode(result))["requests"] == 3
