@@ -17,6 +17,7 @@ from edgeserve.config import (
     load_models_file,
 )
 from edgeserve.errors import EdgeserveError
+from edgeserve.routing.policy_file import PolicyFile
 
 
 def _env_int(name: str, default: int) -> int:
@@ -50,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generations at once across all variants (env EDGESERVE_SLOTS; default 1)")
     serve.add_argument("--log-format", choices=["auto", "json", "console"],
                        default=os.environ.get("EDGESERVE_LOG_FORMAT", "auto"))
-    serve.add_argument("--policy", type=Path, default=_default_policy_path(),
-                       help="routing policy file (env EDGESERVE_POLICY; default policies/default.toml)")
+    serve.add_argument("--policy", type=Path, default=os.environ.get("EDGESERVE_POLICY"),
+                       help="routing policy file (env EDGESERVE_POLICY; default: policies/default.toml "
+                            "beside the models file, else built-in settings without quality curves)")
     serve.add_argument("--default-deadline-ms", type=int,
                        default=_env_int("EDGESERVE_DEFAULT_DEADLINE_MS", 0) or None,
                        help="deadline for requests without X-Deadline-Ms (env EDGESERVE_DEFAULT_DEADLINE_MS; "
@@ -99,8 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def _default_policy_path() -> Path:
-    return Path(os.environ.get("EDGESERVE_POLICY", "policies/default.toml"))
+def _load_policy(given: Path | None, models_path: Path) -> tuple[PolicyFile, str]:
+    """The policy named, else policies/default.toml beside models.toml, else the built-in one."""
+    from edgeserve.routing.policy_file import default_policy
+    from edgeserve.simulate import load_policy
+
+    if given is not None:
+        return load_policy(given), str(given)
+    beside = models_path.resolve().parent / "policies" / "default.toml"
+    if beside.is_file():
+        return load_policy(beside), str(beside)
+    return default_policy(), "built-in (no quality curves)"
 
 
 async def _calibrate(args: argparse.Namespace) -> int:
@@ -159,7 +170,6 @@ def _serve(args: argparse.Namespace) -> int:
     from edgeserve.runtime.registry import ModelRegistry
     from edgeserve.runtime.scheduler import Scheduler
     from edgeserve.service import Engine
-    from edgeserve.simulate import load_policy
 
     settings = ServerSettings(models_path=args.models, cache_dir=args.cache_dir, host=args.host,
                               port=args.port, slots=args.slots, log_format=args.log_format)
@@ -170,17 +180,17 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_format)
     log = get_logger("edgeserve")
     models = load_models_file(settings.models_path)
-    policy = load_policy(args.policy)
+    policy, policy_source = _load_policy(args.policy, settings.models_path)
     prepared = prepare_models(models, settings.models_path.resolve().parent, settings.cache_dir,
                               lambda line: log.info("prepare", detail=line))
     names = [v.name for f in models.families for v in f.variants]
     if missing := uncovered_variants(policy, names):
-        log.warning("no_quality_curves", policy=str(args.policy), variants=missing,
+        log.warning("no_quality_curves", policy=policy_source, variants=missing,
                     detail="these variants are ranked as accuracy 0: the router picks them only when "
                            "nothing better fits; run the GSM8K sweep to write their curves")
     engine = Engine(ModelRegistry(models, prepared), Scheduler(settings.slots, args.max_queue), policy)
     app = create_app(engine, cache_dir=settings.cache_dir, default_deadline_ms=args.default_deadline_ms)
-    log.info("serving", host=settings.host, port=settings.port, slots=settings.slots,
+    log.info("serving", host=settings.host, port=settings.port, slots=settings.slots, policy=policy_source,
              variants=list(prepared))
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                 log_level="warning", timeout_graceful_shutdown=10)

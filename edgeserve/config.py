@@ -76,8 +76,8 @@ def load_models_file(path: Path) -> ModelsFile:
 def _explain(message: str) -> str:
     """Turn msgspec's `... - at `$.families[0].variants[1]`` into a friendlier location."""
     match = re.search(r" - at `\$\.?(.*)`$", message)
-    if not match:
-        return message
+    if not match:  # msgspec adds no location for errors in the root object
+        return f"at top level: {message}"
     where = match.group(1) or "top level"
     return f"at {where}: {message[: match.start()]}"
 

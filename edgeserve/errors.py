@@ -28,11 +28,11 @@ class InvalidRequestError(EdgeserveError):
 class ContextLengthExceededError(InvalidRequestError):
     """The prompt (plus at least one new token) does not fit in the variant's context."""
 
-    def __init__(self, prompt_tokens: int, n_ctx: int, variant: str) -> None:
+    def __init__(self, prompt_tokens: int, n_ctx: int, variant: str, param: str = "messages") -> None:
         super().__init__(
             f"This model's maximum context length is {n_ctx} tokens, but the prompt has "
-            f"{prompt_tokens} tokens (variant {variant}); shorten the messages.",
-            param="messages",
+            f"{prompt_tokens} tokens (variant {variant}); shorten the {param}.",
+            param=param,
             code="context_length_exceeded",
         )
         self.prompt_tokens = prompt_tokens
@@ -65,6 +65,8 @@ class GenerationFailedError(EdgeserveError):
 class RefusedError(EdgeserveError):
     """The request cannot be served in time or the queue is full; the client may retry later."""
 
-    def __init__(self, message: str, *, code: str, retry_after_s: int) -> None:
+    def __init__(self, message: str, *, code: str, retry_after_s: int,
+                 min_deadline_ms: float | None = None) -> None:
         super().__init__(message, code=code)
         self.retry_after_s = max(1, retry_after_s)
+        self.min_deadline_ms = min_deadline_ms

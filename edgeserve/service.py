@@ -92,6 +92,9 @@ class Engine:
         hint_on = self._hint_on(request)
         first_hint = hint_tokens_for(request.max_tokens or probe.n_ctx, self.policy) if hint_on else None
         prompt_text, tokens = await asyncio.to_thread(self._prompt, probe, request, first_hint)
+        if not tokens:  # llama.cpp cannot decode zero tokens
+            raise InvalidRequestError("The prompt is empty; send at least one character of text.",
+                                      param="prompt")
         deadline_at = request.deadline_at
         spent_ms = (time.perf_counter() - request.arrived) * 1000
         routing = RoutingRequest(
@@ -104,12 +107,13 @@ class Engine:
         )
         decision = choose(routing, self._candidates(target), self.policy,
                           self.scheduler.wait_estimate_ms(deadline_at))
+        param = "messages" if request.messages is not None else "prompt"
         if isinstance(decision, Refusal):
-            raise self._refusal_error(decision, len(tokens), probe)
+            raise self._refusal_error(decision, len(tokens), probe, param)
         runner = self.registry.runner(decision.variant_id)
         if runner is not probe or decision.hint_tokens != first_hint:
             prompt_text, tokens = await asyncio.to_thread(self._prompt, runner, request, decision.hint_tokens)
-        runner.check_fits(len(tokens))
+        runner.check_fits(len(tokens), param)
         max_tokens = min(decision.max_tokens, runner.n_ctx - len(tokens))
         job = GenerationJob(tokens, max_tokens, request.sampling, request.stop, deadline_at=deadline_at,
                             forcing=self._forcing(runner, request))
@@ -153,11 +157,12 @@ class Engine:
         return request.prompt, runner.tokenize(request.prompt, chat=False)
 
     @staticmethod
-    def _refusal_error(refusal: Refusal, prompt_tokens: int, runner: LlamaRunner) -> Exception:
+    def _refusal_error(refusal: Refusal, prompt_tokens: int, runner: LlamaRunner, param: str) -> Exception:
         if refusal.code == "context_length_exceeded":
-            return ContextLengthExceededError(prompt_tokens, runner.n_ctx, runner.variant_id)
+            return ContextLengthExceededError(prompt_tokens, runner.n_ctx, runner.variant_id, param)
         return RefusedError(f"Cannot answer within the deadline: {refusal.reason}.",
-                            code=refusal.code, retry_after_s=refusal.retry_after_s or 1)
+                            code=refusal.code, retry_after_s=refusal.retry_after_s or 1,
+                            min_deadline_ms=refusal.min_deadline_ms)
 
     async def start(self, admission: Admission) -> tuple[Generation, float]:
         """Wait for a CPU slot and start generating; returns the generation and queue ms."""

@@ -32,7 +32,7 @@ from edgeserve.http.responses import ChunkEncoder, CompletionContext, full_body
 from edgeserve.http.schemas import ModelCard, ModelList
 from edgeserve.logging import get_logger
 from edgeserve.runtime.calibrate import CalibrationPlan, ensure_profiles, store_profiles
-from edgeserve.runtime.runner import Generation
+from edgeserve.runtime.runner import Generation, GenerationResult
 from edgeserve.service import Engine, InferenceRequest
 
 log = get_logger("edgeserve.http")
@@ -102,7 +102,7 @@ async def _complete(
         generation.cancel()  # no-op once finished; stops the token loop if we were cancelled
     assert generation.result is not None
     engine.record(admission, generation.result)
-    _log_outcome(ctx, generation, _client(request))
+    _log_outcome(ctx, generation.result, _client(request))
     return Response(full_body(ctx, text, generation.result), media_type="application/json",
                     headers=ctx.headers())
 
@@ -113,7 +113,11 @@ async def _stream(engine: Engine, ctx: CompletionContext, include_usage: bool, c
     first = chunks.first()
     if first is not None:
         yield first
-    generation, ctx.queue_ms = await engine.start(ctx.admission)
+    try:
+        generation, ctx.queue_ms = await engine.start(ctx.admission)
+    except asyncio.CancelledError:  # the client left while waiting for a slot
+        _log_outcome(ctx, None, client)
+        raise
     failed = False
     try:
         async for piece in generation:
@@ -133,7 +137,7 @@ async def _stream(engine: Engine, ctx: CompletionContext, include_usage: bool, c
             _background.add(task)
             task.add_done_callback(_background.discard)
         else:
-            _log_outcome(ctx, generation, client)
+            _log_outcome(ctx, generation.result, client)
 
 
 _background: set[asyncio.Task[None]] = set()
@@ -143,15 +147,15 @@ async def _log_when_done(ctx: CompletionContext, generation: Generation, client:
     with contextlib.suppress(GenerationFailedError):  # logged as cancelled like before
         async for _ in generation:  # the pieces it made before it saw the cancel flag
             pass
-    _log_outcome(ctx, generation, client)
+    _log_outcome(ctx, generation.result, client)
 
 
 def _client(request: Request[Any, Any, Any]) -> str:
     return f"{request.client.host}:{request.client.port}" if request.client else "unknown"
 
 
-def _log_outcome(ctx: CompletionContext, generation: Generation, client: str) -> None:
-    result = generation.result
+def _log_outcome(ctx: CompletionContext, result: GenerationResult | None, client: str) -> None:
+    """The one canonical line per request: the decision and what came of it."""
     log.info(
         "completion",
         request_id=ctx.request_id,
@@ -162,7 +166,7 @@ def _log_outcome(ctx: CompletionContext, generation: Generation, client: str) ->
         hint_tokens=ctx.admission.decision.hint_tokens,
         queue_ms=round(ctx.queue_ms, 1),
         actual_ms=round((time.perf_counter() - ctx.arrived) * 1000, 1),
-        prompt_tokens=ctx.admission.job.prompt_tokens.__len__(),
+        prompt_tokens=len(ctx.admission.job.prompt_tokens),
         completion_tokens=result.predicted_n if result else None,
         finish=result.finish if result else "cancelled",
         client=client,

@@ -65,6 +65,8 @@ def handle_domain_error(request: Request[Any, Any, Any], error: EdgeserveError) 
     headers = {"Retry-After": "1"} if status == 503 else None
     if isinstance(error, RefusedError):
         headers = {"Retry-After": str(error.retry_after_s)}
+        if error.min_deadline_ms is not None:  # lets a client retry with a deadline that can work
+            headers["X-Edgeserve-Min-Deadline-Ms"] = f"{error.min_deadline_ms:.0f}"
     if status == 503:
         log.warning("not_ready", error=error.message, path=request.url.path)
     elif status >= 500:

@@ -218,9 +218,9 @@ class LlamaRunner:
         tokens: list[int] = self._llm.tokenize(text.encode("utf-8"), add_bos=not chat, special=chat)
         return tokens
 
-    def check_fits(self, prompt_n: int) -> None:
+    def check_fits(self, prompt_n: int, param: str = "messages") -> None:
         if prompt_n + 1 > self.n_ctx:
-            raise ContextLengthExceededError(prompt_n, self.n_ctx, self.variant_id)
+            raise ContextLengthExceededError(prompt_n, self.n_ctx, self.variant_id, param)
 
     # ---- generation ------------------------------------------------------------------------
 
@@ -323,7 +323,8 @@ class LlamaRunner:
                 tokens, restart = generate_from(context), False
             token = next(tokens, None)
         tokens.close()
-        tail = stops.flush() + decoder.decode(b"", final=True)
+        # bytes of an unfinished character go through the stop matcher too: after a stop, none
+        tail = stops.feed(decoder.decode(b"", final=True)) + stops.flush()
         if tail and finish != "cancelled":
             generation._emit(tail)
         return GenerationResult(

