@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--family", help="family name for --from (for example llama31-8b)")
     prepare.add_argument("--quants", default="Q2_K,Q8_0", help="comma-separated, for --from")
 
+    from edgeserve.eval.cli import add_eval_parser
     from edgeserve.simulate import add_simulate_parser
 
     add_simulate_parser(commands)
+    add_eval_parser(commands)
 
     return parser
 
@@ -91,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _prepare(args)
         if args.command == "calibrate":
             return asyncio.run(_calibrate(args))
+        if args.command == "eval":
+            from edgeserve.eval.cli import run_eval
+
+            return run_eval(args)
         if args.command == "simulate":
             from edgeserve.simulate import run_simulate
 
