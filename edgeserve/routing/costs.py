@@ -130,21 +130,22 @@ def max_new_tokens_within(
 
 
 def _line_fit(
-    points: Sequence[tuple[float, float]], *, single_x_through_origin: bool
+    points: Sequence[tuple[float, float]], *, proportional: bool
 ) -> tuple[float, float]:
     """Least-squares ``y = intercept + slope * x`` with both coefficients kept >= 0.
 
-    Costs cannot be negative: if the unconstrained fit gives a negative intercept the line is
-    refitted through the origin, and a negative slope becomes a flat line at the mean. When all
-    samples share one x the line is underdetermined: prefill is then taken as proportional to the
-    prompt (through the origin), decode as flat in the context (intercept only).
+    Costs cannot be negative. A negative slope becomes a flat line at the mean. A negative
+    intercept (noise on few points) makes prefill proportional to the prompt (through the origin)
+    but decode flat in the context: a decode line through the origin would call a step at a short
+    context nearly free, and every short prompt would then overrun its deadline. When all samples
+    share one x the line is underdetermined and the same two fallbacks apply.
     """
     n = len(points)
     mean_x = sum(x for x, _ in points) / n
     mean_y = sum(y for _, y in points) / n
     sxx = sum((x - mean_x) ** 2 for x, _ in points)
     if sxx == 0:
-        if single_x_through_origin and mean_x > 0:
+        if proportional and mean_x > 0:
             return 0.0, max(mean_y / mean_x, 0.0)
         return max(mean_y, 0.0), 0.0
     slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
@@ -152,6 +153,8 @@ def _line_fit(
     if slope < 0:
         return max(mean_y, 0.0), 0.0
     if intercept < 0:
+        if not proportional:
+            return max(mean_y, 0.0), 0.0
         sx2 = sum(x * x for x, _ in points)
         return 0.0, max(sum(x * y for x, y in points) / sx2, 0.0)
     return intercept, slope
@@ -186,8 +189,8 @@ def fit_profile(
         raise ValueError(f"{variant_id}: no usable prefill samples (need prompt tokens and ms > 0)")
     if not decode:
         raise ValueError(f"{variant_id}: no usable decode samples (need context and ms > 0)")
-    fixed, per_token = _line_fit(prefill, single_x_through_origin=True)
-    d0, growth = _line_fit(decode, single_x_through_origin=False)
+    fixed, per_token = _line_fit(prefill, proportional=True)
+    d0, growth = _line_fit(decode, proportional=False)
     if d0 <= 0 and growth <= 0:
         raise ValueError(f"{variant_id}: decode samples fit a zero cost per token")
     return CostProfile(
