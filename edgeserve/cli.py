@@ -76,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--quants", default="Q2_K,Q8_0", help="comma-separated, for --from")
 
     from edgeserve.eval.cli import add_eval_parser
+    from edgeserve.routing_bench import add_routing_bench_parser
     from edgeserve.simulate import add_simulate_parser
 
     add_simulate_parser(commands)
     add_eval_parser(commands)
+    add_routing_bench_parser(commands)
 
     return parser
 
@@ -97,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from edgeserve.eval.cli import run_eval
 
             return run_eval(args)
+        if args.command == "bench-routing":
+            from edgeserve.routing_bench import run_routing_bench
+
+            return run_routing_bench(args)
         if args.command == "simulate":
             from edgeserve.simulate import run_simulate
 
@@ -135,12 +141,13 @@ async def _calibrate(args: argparse.Namespace) -> int:
         profiles = await ensure_profiles(list(registry.runners.values()), args.cache_dir, plan, print, force=True)
     finally:
         registry.close()
-    print(f"\n{'variant':22s} {'load ms':>8s} {'prefill ms/tok':>15s} {'decode ms/tok':>14s} "
-          f"{'growth/1k ctx':>14s} {'fit MAPE':>9s}")
+    print(f"\n{'variant':22s} {'load ms':>8s} {'prefill ms/tok':>15s} {'+/1k ctx':>9s} {'decode ms/tok':>14s} "
+          f"{'+/1k ctx':>9s} {'fit MAPE':>9s}")
     for variant_id, p in profiles.items():
         mape = max(p.prefill_mape or 0.0, p.decode_mape or 0.0)
-        print(f"{variant_id:22s} {p.load_ms:8.0f} {p.prefill_ms_per_token:15.3f} {p.decode_ms_per_token:14.2f} "
-              f"{p.decode_growth_ms_per_token_per_1k_ctx:14.3f} {mape:9.1%}")
+        print(f"{variant_id:22s} {p.load_ms:8.0f} {p.prefill_ms_per_token:15.3f} "
+              f"{p.prefill_growth_ms_per_token_per_1k_ctx:9.3f} {p.decode_ms_per_token:14.2f} "
+              f"{p.decode_growth_ms_per_token_per_1k_ctx:9.3f} {mape:9.1%}")
         print(f"  -> {profile_path(args.cache_dir, p.gguf_sha256, p.n_threads, p.host)}")
     print(f"calibrated {len(profiles)} variants in {time.perf_counter() - started:.0f} s")
     return 0

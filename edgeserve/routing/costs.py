@@ -4,7 +4,10 @@ by an EWMA over finished requests, and inverted to answer "how many tokens fit i
 The model follows the runner's timings (GenerationResult) exactly:
 
 * prefill (prompt evaluation + sampling of the first new token):
-  ``prefill_fixed_ms + prefill_ms_per_token * prompt_tokens``;
+  ``prefill_fixed_ms + prefill_ms_per_token * p + prefill_growth * p * (p + 1) / 2000`` for a
+  prompt of ``p`` tokens: prompt token ``i`` attends to ``i`` tokens, so like a decode step it costs
+  a little more the longer the context (``prefill_growth`` per 1k tokens of context; 0 when the
+  calibration had fewer than three prompt lengths to tell a curve from a line);
 * every further new token is one decode step; step ``j`` (1-based) runs with ``prompt_tokens + j``
   tokens in the context and costs ``decode_ms_per_token + growth * (prompt_tokens + j) / 1000``.
 
@@ -14,8 +17,9 @@ The load time is recorded but never charged to a request: variants stay loaded.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 import msgspec
@@ -43,6 +47,7 @@ class CostProfile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froz
     host: str = ""
     load_ms: NonNegative = 0.0
     prefill_fixed_ms: NonNegative = 0.0
+    prefill_growth_ms_per_token_per_1k_ctx: NonNegative = 0.0
     decode_growth_ms_per_token_per_1k_ctx: NonNegative = 0.0
     prefill_mape: float | None = None
     decode_mape: float | None = None
@@ -61,7 +66,9 @@ class CostProfile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froz
 
 def prefill_ms(profile: CostProfile, prompt_tokens: int) -> float:
     """Time to evaluate the prompt and sample the first new token."""
-    return profile.prefill_fixed_ms + profile.prefill_ms_per_token * max(prompt_tokens, 0)
+    p = max(prompt_tokens, 0)
+    growth = profile.prefill_growth_ms_per_token_per_1k_ctx / 1000.0
+    return profile.prefill_fixed_ms + profile.prefill_ms_per_token * p + growth * p * (p + 1) / 2
 
 
 def decode_steps_ms(profile: CostProfile, prompt_tokens: int, steps: int) -> float:
@@ -160,8 +167,68 @@ def _line_fit(
     return intercept, slope
 
 
-def _mape(points: Sequence[tuple[float, float]], intercept: float, slope: float) -> float | None:
-    errors = [abs(intercept + slope * x - y) / y for x, y in points if y > 0]
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting for a tiny square system; None if singular."""
+    size = len(rhs)
+    rows = [[*row, value] for row, value in zip(matrix, rhs, strict=True)]
+    for col in range(size):
+        pivot = max(range(col, size), key=lambda r: abs(rows[r][col]))
+        if abs(rows[pivot][col]) < 1e-12:
+            return None
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        for r in range(size):
+            if r != col:
+                factor = rows[r][col] / rows[col][col]
+                rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col], strict=True)]
+    return [rows[i][size] / rows[i][i] for i in range(size)]
+
+
+#: The prefill terms: fixed, per token, growth (prompt token i costs growth * i / 1000 more).
+_PREFILL_TERMS: tuple[Callable[[float], float], ...] = (
+    lambda p: 1.0, lambda p: p, lambda p: p * (p + 1) / 2000)
+
+
+def _prefill_fit(points: Sequence[tuple[float, float]]) -> tuple[float, float, float]:
+    """(fixed, per token, growth per 1k ctx) by non-negative least squares.
+
+    With fewer than three distinct prompt lengths a curve cannot be told from a line: the line
+    fit (``_line_fit``, proportional fallback) and no growth. Otherwise every subset of the three
+    terms that depends on the prompt length is fitted and the best one with no negative
+    coefficient wins, the smaller subset on a tie (exactly linear samples give growth 0).
+    """
+    if len({x for x, _ in points}) < 3:
+        fixed, per_token = _line_fit(points, proportional=True)
+        return fixed, per_token, 0.0
+    best: tuple[float, list[float]] | None = None
+    for size in (1, 2, 3):
+        for subset in itertools.combinations(range(3), size):
+            if subset == (0,):
+                continue  # a prefill that ignores the prompt length
+            columns = [[_PREFILL_TERMS[i](x) for x, _ in points] for i in subset]
+            gram = [[sum(a * b for a, b in zip(u, v, strict=True)) for v in columns] for u in columns]
+            moments = [sum(a * y for a, (_, y) in zip(u, points, strict=True)) for u in columns]
+            solution = _solve(gram, moments)
+            if solution is None or min(solution) < 0:
+                continue
+            coefficients = [0.0, 0.0, 0.0]
+            for i, value in zip(subset, solution, strict=True):
+                coefficients[i] = value
+            sse = sum((_prefill_at(coefficients, x) - y) ** 2 for x, y in points)
+            if best is None or sse < best[0] * (1 - 1e-9) - 1e-12:
+                best = (sse, coefficients)
+    if best is None:  # cannot happen: a single non-negative term always fits non-negatively
+        fixed, per_token = _line_fit(points, proportional=True)
+        return fixed, per_token, 0.0
+    fixed, per_token, growth = best[1]
+    return fixed, per_token, growth
+
+
+def _prefill_at(coefficients: Sequence[float], prompt_tokens: float) -> float:
+    return sum(c * term(prompt_tokens) for c, term in zip(coefficients, _PREFILL_TERMS, strict=True))
+
+
+def _mape(points: Sequence[tuple[float, float]], predict: Callable[[float], float]) -> float | None:
+    errors = [abs(predict(x) - y) / y for x, y in points if y > 0]
     return sum(errors) / len(errors) if errors else None
 
 
@@ -189,7 +256,7 @@ def fit_profile(
         raise ValueError(f"{variant_id}: no usable prefill samples (need prompt tokens and ms > 0)")
     if not decode:
         raise ValueError(f"{variant_id}: no usable decode samples (need context and ms > 0)")
-    fixed, per_token = _line_fit(prefill, proportional=True)
+    fixed, per_token, prefill_growth = _prefill_fit(prefill)
     d0, growth = _line_fit(decode, proportional=False)
     if d0 <= 0 and growth <= 0:
         raise ValueError(f"{variant_id}: decode samples fit a zero cost per token")
@@ -201,10 +268,11 @@ def fit_profile(
         load_ms=max(load_ms, 0.0),
         prefill_fixed_ms=fixed,
         prefill_ms_per_token=per_token,
+        prefill_growth_ms_per_token_per_1k_ctx=prefill_growth,
         decode_ms_per_token=d0,
         decode_growth_ms_per_token_per_1k_ctx=growth,
-        prefill_mape=_mape(prefill, fixed, per_token),
-        decode_mape=_mape(decode, d0, growth),
+        prefill_mape=_mape(prefill, lambda p: _prefill_at((fixed, per_token, prefill_growth), p)),
+        decode_mape=_mape(decode, lambda c: d0 + growth * c),
         n_prefill_samples=len(prefill),
         n_decode_samples=len(decode),
     )
@@ -232,8 +300,8 @@ def observe(
     Pass the runner's timings: ``prompt_tokens``/``prompt_ms`` = (prompt_n, prompt_ms) — the
     tokens actually evaluated, so a prompt served from llama.cpp's prefix cache should pass only
     the uncached part — and ``new_tokens``/``decode_ms`` = (len(token_ms), sum(token_ms)),
-    the decode steps and their time. The prefill line (fixed + per token) and the decode line
-    (base + growth) are each scaled by one factor so that the prediction for this request moves
+    the decode steps and their time. The prefill curve (fixed + per token + growth) and the decode
+    line (base + growth) are each scaled by one factor so that the prediction for this request moves
     ``alpha`` of the way toward what was observed (ratio clamped to [1/4, 4]); keeping the shape
     of each line and only rescaling it is what a slower CPU (throttling, a busy neighbour) does.
     A part with no tokens or no time is ignored; if both are, the profile comes back unchanged.
@@ -248,6 +316,9 @@ def observe(
         factor = _blend(prompt_ms, predicted_prefill, alpha)
         changes["prefill_fixed_ms"] = profile.prefill_fixed_ms * factor
         changes["prefill_ms_per_token"] = profile.prefill_ms_per_token * factor
+        changes["prefill_growth_ms_per_token_per_1k_ctx"] = (
+            profile.prefill_growth_ms_per_token_per_1k_ctx * factor
+        )
         predicted_total += predicted_prefill
         observed_total += prompt_ms
     predicted_decode = decode_steps_ms(profile, prompt_tokens, new_tokens)

@@ -88,6 +88,7 @@ def _scaled(profile: CostProfile, factor: float) -> CostProfile:
         profile,
         prefill_fixed_ms=profile.prefill_fixed_ms * factor,
         prefill_ms_per_token=profile.prefill_ms_per_token * factor,
+        prefill_growth_ms_per_token_per_1k_ctx=profile.prefill_growth_ms_per_token_per_1k_ctx * factor,
         decode_ms_per_token=profile.decode_ms_per_token * factor,
         decode_growth_ms_per_token_per_1k_ctx=profile.decode_growth_ms_per_token_per_1k_ctx
         * factor,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ class CalibrationPlan:
 
     @staticmethod
     def quick() -> CalibrationPlan:
-        return CalibrationPlan(prefill_lengths=(32, 256), decode_contexts=(16, 768), decode_tokens=16,
+        # three prompt lengths: enough to tell prefill's growth with the context from a line
+        return CalibrationPlan(prefill_lengths=(32, 160, 480), decode_contexts=(16, 768), decode_tokens=16,
                                repeats=2)
 
 
@@ -131,8 +133,11 @@ async def measure(runner: LlamaRunner, plan: CalibrationPlan,
         await generation.text()
         result = generation.result
         assert result is not None
-        for i, ms in enumerate(result.token_ms):
-            samples.decode.append((result.prompt_n + i + 1, ms))
+        # One sample per context: the median step at the middle position. Single steps jitter
+        # (a preempted thread), and a least-squares line through raw steps chases the jitter.
+        if result.token_ms:
+            middle = result.prompt_n + (len(result.token_ms) + 1) // 2
+            samples.decode.append((middle, statistics.median(result.token_ms)))
         if progress and result.token_ms:
             mean = sum(result.token_ms) / len(result.token_ms)
             progress(f"{runner.variant_id}: decode at context {context}: {mean:.1f} ms/token")

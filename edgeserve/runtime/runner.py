@@ -28,6 +28,9 @@ from edgeserve.runtime.stops import StopMatcher
 
 Finish = Literal["stop", "length", "deadline", "cancelled"]
 
+# Time kept after the last token for detokenizing, the final chunk and the write to the client.
+TAIL_RESERVE_S = 0.010
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -312,7 +315,7 @@ class LlamaRunner:
                 break
             if n_generated >= max_tokens:
                 break
-            if job.deadline_at is not None and now + _next_token_s(token_ms) > job.deadline_at:
+            if job.deadline_at is not None and now + _next_token_s(token_ms) + TAIL_RESERVE_S > job.deadline_at:
                 finish = "deadline"
                 break
             if generation.cancelled:
