@@ -15,8 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
-
+from edgeserve.jsonfiles import read_json, write_json
 from edgeserve.routing.costs import CostProfile, fit_profile
 from edgeserve.runtime.prepare import sha256_of
 from edgeserve.runtime.runner import GenerationJob, LlamaRunner, SamplingParams
@@ -61,17 +60,11 @@ def profile_path(cache_dir: Path, sha256: str, n_threads: int, host: str) -> Pat
 
 
 def load_profile(path: Path) -> CostProfile | None:
-    try:
-        return msgspec.json.decode(path.read_bytes(), type=CostProfile)
-    except (OSError, msgspec.DecodeError):
-        return None
+    return read_json(path, CostProfile)
 
 
 def save_profile(path: Path, profile: CostProfile) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_bytes(msgspec.json.format(msgspec.json.encode(profile)))
-    partial.replace(path)
+    write_json(path, profile)
 
 
 class HashIndex:
@@ -79,18 +72,14 @@ class HashIndex:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            self._known: dict[str, str] = msgspec.json.decode(path.read_bytes(), type=dict[str, str])
-        except (OSError, msgspec.DecodeError):
-            self._known = {}
+        self._known: dict[str, str] = read_json(path, dict[str, str]) or {}
 
     def sha256(self, file: Path) -> str:
         stat = file.stat()
         key = hashlib.sha1(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
         if key not in self._known:
             self._known[key] = sha256_of(file)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_bytes(msgspec.json.encode(self._known))
+            write_json(self.path, self._known)
         return self._known[key]
 
 

@@ -19,6 +19,7 @@ import msgspec
 
 from edgeserve.config import PACKAGE_SCHEME, FamilyConfig, ModelsFile, resolve_path
 from edgeserve.errors import ModelPreparationError
+from edgeserve.jsonfiles import read_json, write_json
 
 Log = Callable[[str], None]
 
@@ -225,13 +226,8 @@ def _no_better_than_source(quant: str, source_quant: str | None) -> bool:
 
 
 def _read_manifest(path: Path) -> Manifest | None:
-    try:
-        return msgspec.json.decode(path.read_bytes(), type=Manifest)
-    except (OSError, msgspec.DecodeError):
-        return None
+    return read_json(path, Manifest)
 
 
 def _write_manifest(path: Path, manifest: Manifest) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_bytes(msgspec.json.format(msgspec.json.encode(manifest)))
-    partial.replace(path)
+    write_json(path, manifest)
