@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--family", help="family name for --from (for example llama31-8b)")
     prepare.add_argument("--quants", default="Q2_K,Q8_0", help="comma-separated, for --from")
 
+    from edgeserve.bench import add_bench_parser
     from edgeserve.eval.cli import add_eval_parser
     from edgeserve.routing_bench import add_routing_bench_parser
     from edgeserve.simulate import add_simulate_parser
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_parser(commands)
     add_eval_parser(commands)
     add_routing_bench_parser(commands)
+    add_bench_parser(commands)
 
     return parser
 
@@ -99,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from edgeserve.eval.cli import run_eval
 
             return run_eval(args)
+        if args.command == "bench":
+            from edgeserve.bench import run_bench
+
+            return run_bench(args)
         if args.command == "bench-routing":
             from edgeserve.routing_bench import run_routing_bench
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import math
 import random
 import threading
 import time
@@ -80,12 +81,20 @@ class GenerationResult:
 
 
 class Generation:
-    """A running generation. Iterate for text pieces; `result` is set once iteration ends."""
+    """A running generation. Iterate for text pieces; `result` is set once iteration ends.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    Pieces are handed to the event loop at most once per `flush_interval_s` (the first one at
+    once): each hand-off wakes the loop, whose thread then competes with llama.cpp's for the
+    board's few cores. 25 ms of batching is invisible to a reader and cuts wake-ups several-fold.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, flush_interval_s: float = 0.025) -> None:
         self._loop = loop
         self._queue: asyncio.Queue[str | GenerationResult | BaseException] = asyncio.Queue()
         self._cancel = threading.Event()
+        self._pending: list[str] = []
+        self._flush_interval_s = flush_interval_s
+        self._last_flush = -math.inf
         self.result: GenerationResult | None = None
 
     def cancel(self) -> None:
@@ -95,9 +104,23 @@ class Generation:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
-    def _emit(self, item: str | GenerationResult | BaseException) -> None:
-        """Called from the variant's thread."""
+    def _emit_text(self, piece: str) -> None:
+        """Called from the variant's thread for every piece of text."""
+        self._pending.append(piece)
+        now = time.perf_counter()
+        if now - self._last_flush >= self._flush_interval_s:
+            self._flush(now)
+
+    def _emit_end(self, item: GenerationResult | BaseException) -> None:
+        """Called from the variant's thread once: the text still pending, then the outcome."""
+        self._flush(time.perf_counter())
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _flush(self, now: float) -> None:
+        if self._pending:
+            text, self._pending = "".join(self._pending), []
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, text)
+        self._last_flush = now
 
     async def __aiter__(self) -> AsyncIterator[str]:
         while True:
@@ -237,9 +260,9 @@ class LlamaRunner:
 
     def _generate(self, job: GenerationJob, generation: Generation) -> None:
         try:
-            generation._emit(self._token_loop(job, generation))
+            generation._emit_end(self._token_loop(job, generation))
         except BaseException as exc:
-            generation._emit(exc)
+            generation._emit_end(exc)
 
     def _token_loop(self, job: GenerationJob, generation: Generation) -> GenerationResult:
         import llama_cpp
@@ -309,7 +332,7 @@ class LlamaRunner:
                     open_braces = forcing_depth(job.forcing)
             piece = stops.feed(text)
             if piece:
-                generation._emit(piece)
+                generation._emit_text(piece)
             if stops.stopped or finish == "stop":
                 finish = "stop"
                 break
@@ -329,7 +352,7 @@ class LlamaRunner:
         # bytes of an unfinished character go through the stop matcher too: after a stop, none
         tail = stops.feed(decoder.decode(b"", final=True)) + stops.flush()
         if tail and finish != "cancelled":
-            generation._emit(tail)
+            generation._emit_text(tail)
         return GenerationResult(
             finish=finish,
             prompt_n=len(job.prompt_tokens),
