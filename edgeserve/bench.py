@@ -23,13 +23,11 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +44,7 @@ from edgeserve.config import (
     resolve_path,
 )
 from edgeserve.errors import ConfigError, EdgeserveError
+from edgeserve.processes import free_port, server_process, vm_rss_mib
 
 Messages = list[dict[str, str]]
 
@@ -215,77 +214,6 @@ def content_stamps(lines: list[tuple[float, str]]) -> list[float]:
     return stamps
 
 
-# ---- server processes --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def vm_rss_mib(pid: int) -> float | None:
-    """Resident memory of a process (Linux /proc), or None where that cannot be read."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return None
-
-
-@contextlib.contextmanager
-def server_process(name: str, command: list[str], ready_url: str, log_path: Path,
-                   env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server, wait until `ready_url` answers 200, and always stop it on exit."""
-    progress(f"starting {name}: {' '.join(command)}")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **(env or {})})
-        try:
-            wait_ready(process, name, ready_url, log_path)
-            yield process
-        finally:
-            stop_process(process)
-            progress(f"stopped {name} (exit {process.returncode})")
-
-
-def wait_ready(process: subprocess.Popen[bytes], name: str, url: str, log_path: Path) -> None:
-    started = time.monotonic()
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode} before it was ready; "
-                               f"its log ends with:\n{tail(log_path)}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                progress(f"{name} ready after {time.monotonic() - started:.1f} s")
-                return
-        if time.monotonic() - started > READY_TIMEOUT_S:
-            raise RuntimeError(f"{name} not ready after {READY_TIMEOUT_S:.0f} s; "
-                               f"its log ends with:\n{tail(log_path)}")
-        time.sleep(0.2)
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def single_variant_toml(family: FamilyConfig, variant: VariantConfig, base_dir: Path) -> str:
     """A models file with only this variant, so edgeserve loads it alone (and its RSS is its own).
     Relative paths of the original file are made absolute."""
@@ -423,13 +351,15 @@ def bench_variant(target: Target, args: argparse.Namespace, workdir: Path) -> Va
                                           args.models.resolve().parent))
     es_port, ls_port = free_port(), free_port()
     with contextlib.ExitStack() as stack:
+        progress(f"starting edgeserve and llama_cpp.server for {target.variant_id}")
         edgeserve = stack.enter_context(server_process(
             "edgeserve", edgeserve_command(models, args.cache_dir, es_port),
             f"http://127.0.0.1:{es_port}/ready", workdir / f"{slug}.edgeserve.log",
-            env={"EDGESERVE_LOG_FORMAT": "json"}))
+            env={"EDGESERVE_LOG_FORMAT": "json"}, timeout_s=READY_TIMEOUT_S)).process
         llama_server = stack.enter_context(server_process(
             "llama_cpp.server", llama_server_command(target.path, target.variant, ls_port),
-            f"http://127.0.0.1:{ls_port}/v1/models", workdir / f"{slug}.llama_server.log"))
+            f"http://127.0.0.1:{ls_port}/v1/models", workdir / f"{slug}.llama_server.log",
+            timeout_s=READY_TIMEOUT_S)).process
         progress(f"loading {target.variant_id} in-process")
         inprocess = InProcessEngine(target.path, target.variant)
         stack.callback(inprocess.close)

@@ -34,9 +34,7 @@ import math
 import os
 import platform
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +50,7 @@ import msgspec
 
 from edgeserve.config import default_cache_dir, default_models_path, load_models_file
 from edgeserve.errors import EdgeserveError
+from edgeserve.processes import free_port, server_process
 from edgeserve.routing.costs import CostProfile, decode_steps_ms, predict_ms, prefill_ms
 from edgeserve.routing.policy import RoutingRequest, VariantCandidate, choose, format_ms
 from edgeserve.routing.policy_file import PolicyFile
@@ -554,46 +553,6 @@ def study_crossovers(policy_path: Path, profile_path: Path, prompt_tokens: int =
 # ---- the server -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path) -> float:
-    """Seconds until /ready answered 200; raises if the server exits or takes too long."""
-    started = time.monotonic()
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"edgeserve exited with {process.returncode} before it was ready; "
-                               f"its log ({log_path}) ends with:\n{tail(log_path)}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        if time.monotonic() - started > READY_TIMEOUT_S:
-            raise RuntimeError(f"edgeserve not ready after {READY_TIMEOUT_S:.0f} s; "
-                               f"its log ({log_path}) ends with:\n{tail(log_path)}")
-        time.sleep(0.25)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @contextlib.contextmanager
 def edgeserve_server(args: argparse.Namespace, log_path: Path) -> Iterator[tuple[str, float]]:
     """A `python -m edgeserve.cli serve` on a free loopback port; yields (base URL, seconds to
@@ -603,15 +562,10 @@ def edgeserve_server(args: argparse.Namespace, log_path: Path) -> Iterator[tuple
                "--cache-dir", str(args.cache_dir), "--policy", str(args.policy),
                "--host", "127.0.0.1", "--port", str(port)]
     progress(f"starting {' '.join(command)} (log {log_path})")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "EDGESERVE_LOG_FORMAT": "json"})
-        try:
-            base_url = f"http://127.0.0.1:{port}"
-            yield base_url, wait_ready(process, base_url, log_path)
-        finally:
-            stop(process)
-            progress(f"stopped edgeserve (exit {process.returncode})")
+    base_url = f"http://127.0.0.1:{port}"
+    with server_process("edgeserve", command, f"{base_url}/ready", log_path,
+                        env={"EDGESERVE_LOG_FORMAT": "json"}, timeout_s=READY_TIMEOUT_S) as server:
+        yield base_url, server.ready_s
 
 
 # ---- report -----------------------------------------------------------------------------------
