@@ -128,12 +128,12 @@ class Engine:
         return AnswerForcing(prefix, config.prefix, config.reserve_tokens)
 
     def _hint_on(self, request: InferenceRequest) -> bool:
-        """The hint tells the model its budget, so by default it is only added when there is one:
-        a deadline or an explicit max_tokens. X-Budget-Hint overrides."""
+        """By default the hint goes only into requests with a deadline: a deadline is edgeserve's
+        own contract, while a plain OpenAI client that merely sets max_tokens expects its prompt
+        untouched. X-Budget-Hint overrides either way."""
         if request.hint is not None:
             return request.hint
-        budgeted = request.deadline_ms is not None or request.max_tokens is not None
-        return self.policy.hint.enabled and budgeted and request.messages is not None
+        return self.policy.hint.enabled and request.deadline_ms is not None and request.messages is not None
 
     def _candidates(self, target: Target) -> list[VariantCandidate]:
         candidates = []

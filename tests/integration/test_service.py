@@ -59,11 +59,22 @@ async def test_the_model_receives_the_style_and_the_budget_hint(engine: Engine) 
     assert admission.job.max_tokens == 64
 
 
-async def test_without_a_budget_no_hint_is_added(engine: Engine) -> None:
-    request = InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": QUESTION}])
+@pytest.mark.parametrize("max_tokens", [None, 64])
+async def test_without_a_deadline_the_prompt_is_left_as_the_client_sent_it(engine: Engine,
+                                                                            max_tokens: int | None) -> None:
+    request = InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": QUESTION}],
+                               max_tokens=max_tokens)
     admission = await engine.admit(request)
     assert "You MUST respond" not in admission.prompt_text
     assert admission.decision.hint_tokens is None
+
+
+async def test_with_a_deadline_the_hint_is_on_by_default(engine: Engine) -> None:
+    request = InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": QUESTION}],
+                               max_tokens=64, deadline_ms=60_000)
+    admission = await engine.admit(request)
+    assert admission.decision.hint_tokens == 32
+    assert "You MUST respond in **UNDER 32 tokens**" in admission.prompt_text
 
 
 async def test_a_tight_deadline_goes_to_the_fast_variant_and_a_loose_one_to_the_better(engine: Engine) -> None:
