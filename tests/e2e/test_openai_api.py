@@ -62,6 +62,22 @@ def check_decision(extra: dict[str, Any] | None, *, variant: str, budget: int,
     if finish_reason == "length":
         assert completion_tokens == budget
 
+def check_stream_end(chunks: list[Any], variant: str) -> None:
+    """One chunk finishes (with the edgeserve object); with include_usage a last chunk with no
+    choices carries the usage, as OpenAI sends it, and no other chunk does."""
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
+    assert len(finishing) == 1
+    finish_reason = finishing[0].choices[0].finish_reason
+    assert finish_reason in FINISHES
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage is not None
+    assert 1 <= usage_chunk.usage.completion_tokens <= MAX_TOKENS
+    assert all(c.usage is None for c in chunks[:-1])
+    check_decision(finishing[0].model_extra, variant=variant, budget=MAX_TOKENS,
+                   completion_tokens=usage_chunk.usage.completion_tokens, finish_reason=finish_reason)
+
+
 
 def check_headers(headers: Any, *, variant: str, budget: int) -> None:
     assert headers["X-Edgeserve-Variant"] == variant
@@ -154,18 +170,7 @@ def test_chat_completion_streaming(client: openai.OpenAI, model: str) -> None:
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
-    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
-    assert len(finishing) == 1
-    finish_reason = finishing[0].choices[0].finish_reason
-    assert finish_reason in FINISHES
-    # include_usage: a last chunk with no choices carries the usage, as OpenAI sends it
-    usage_chunk = chunks[-1]
-    assert usage_chunk.choices == []
-    assert usage_chunk.usage is not None
-    assert 1 <= usage_chunk.usage.completion_tokens <= MAX_TOKENS
-    assert all(c.usage is None for c in chunks[:-1])
-    check_decision(finishing[0].model_extra, variant=variant, budget=MAX_TOKENS,
-                   completion_tokens=usage_chunk.usage.completion_tokens, finish_reason=finish_reason)
+    check_stream_end(chunks, variant)
     # greedy decoding: the stream says exactly what the non-streamed reply says
     assert text == chat_once(client, variant, GREETING)
 
@@ -216,15 +221,7 @@ def test_text_completion_streaming(client: openai.OpenAI, model: str) -> None:
     assert all(c.object == "text_completion" and c.model == variant for c in chunks)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text.strip()
-    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
-    assert len(finishing) == 1
-    finish_reason = finishing[0].choices[0].finish_reason
-    assert finish_reason in FINISHES
-    usage_chunk = chunks[-1]
-    assert usage_chunk.choices == []
-    assert usage_chunk.usage is not None
-    check_decision(finishing[0].model_extra, variant=variant, budget=MAX_TOKENS,
-                   completion_tokens=usage_chunk.usage.completion_tokens, finish_reason=finish_reason)
+    check_stream_end(chunks, variant)
     alone = client.completions.create(model=variant, prompt=PROMPT, max_tokens=MAX_TOKENS,
                                       temperature=0)
     assert text == alone.choices[0].text
