@@ -156,21 +156,52 @@ async def ensure_profiles(
     force: bool = False,
 ) -> dict[str, CostProfile]:
     """The stored profile of every runner, calibrating (and storing) the ones that have none
-    for this file, thread count and host."""
+    for this file, thread count and host, and once more the ones that look wrong (see
+    `implausible`): a refused variant never gets the traffic that would correct its profile."""
     hashes = HashIndex(cache_dir / "profiles" / "hashes.json")
     profiles: dict[str, CostProfile] = {}
     host = host_name()
+
+    async def measure_and_store(runner: LlamaRunner, sha256: str, path: Path) -> CostProfile:
+        profile = await calibrate(runner, sha256, plan, progress)
+        await asyncio.to_thread(save_profile, path, profile)
+        return profile
+
+    paths: dict[str, tuple[str, Path]] = {}
     for runner in runners:
         sha256 = await asyncio.to_thread(hashes.sha256, runner.path)
         path = profile_path(cache_dir, sha256, runner.config.threads, host)
+        paths[runner.variant_id] = (sha256, path)
         profile = None if force else load_profile(path)
         if profile is None:
             if progress:
                 progress(f"{runner.variant_id}: no cost profile for this board; calibrating")
-            profile = await calibrate(runner, sha256, plan, progress)
-            await asyncio.to_thread(save_profile, path, profile)
+            profile = await measure_and_store(runner, sha256, path)
         profiles[runner.variant_id] = profile
+    for runner in runners:
+        if implausible(runner, runners, profiles):
+            if progress:
+                progress(f"{runner.variant_id}: its decode cost per byte of weights is far above its "
+                         "siblings' (measured while the machine was busy?); calibrating again")
+            profiles[runner.variant_id] = await measure_and_store(runner, *paths[runner.variant_id])
     return profiles
+
+
+def implausible(runner: LlamaRunner, runners: list[LlamaRunner], profiles: dict[str, CostProfile],
+                factor: float = 3.0) -> bool:
+    """Decoding is bound by the bytes of weights read per token, so variants of one family cost
+    about the same per byte. A profile more than `factor` times its siblings' median per byte
+    was almost surely measured under load."""
+    family = runner.variant_id.partition(":")[0]
+    siblings = [r for r in runners if r.variant_id.partition(":")[0] == family]
+    if len(siblings) < 3:  # with two, which one is wrong cannot be told
+        return False
+
+    def per_byte(r: LlamaRunner) -> float:
+        return profiles[r.variant_id].decode_ms_per_token / max(r.file_bytes, 1)
+
+    typical = statistics.median(per_byte(r) for r in siblings)
+    return typical > 0 and per_byte(runner) > factor * typical
 
 
 def store_profiles(profiles: dict[str, CostProfile], cache_dir: Path) -> None:

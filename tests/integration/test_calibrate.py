@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from edgeserve.config import ModelsFile
-from edgeserve.routing.costs import predict_ms
+from edgeserve.routing.costs import CostProfile, predict_ms
 from edgeserve.runtime.calibrate import (
     CalibrationPlan,
     HashIndex,
     ensure_profiles,
+    implausible,
     load_profile,
     measure,
     profile_path,
@@ -79,3 +80,17 @@ def test_the_hash_index_remembers_a_file_until_it_changes(tmp_path: Path) -> Non
     assert HashIndex(tmp_path / "hashes.json").sha256(model) == sha256_of(model)
     model.write_bytes(b"GGUF" + b"\1" * 100)
     assert HashIndex(tmp_path / "hashes.json").sha256(model) == sha256_of(model)
+
+
+def test_a_profile_far_costlier_per_byte_than_its_siblings_is_implausible(
+        models_file: ModelsFile, prepared: dict[str, PreparedVariant]) -> None:
+    runners = list(ModelRegistry(models_file, prepared).runners.values())  # not loaded: sizes only
+
+    def profiles(slow: str | None) -> dict[str, CostProfile]:
+        return {r.variant_id: CostProfile(variant_id=r.variant_id, prefill_ms_per_token=1.0,
+                                          decode_ms_per_token=(500.0 if r.variant_id == slow else 15.0))
+                for r in runners}
+
+    assert not any(implausible(r, runners, profiles(None)) for r in runners)
+    flagged = [r.variant_id for r in runners if implausible(r, runners, profiles("smollm2-135m:q2_k"))]
+    assert flagged == ["smollm2-135m:q2_k"]
