@@ -21,6 +21,7 @@ from litestar.response import Stream
 
 from edgeserve.errors import EdgeserveError, GenerationFailedError
 from edgeserve.http.errors import handle_domain_error, handle_http_exception, handle_unexpected
+from edgeserve.http.openapi import add_request_schemas, operation_with_body
 from edgeserve.http.parse import (
     parse_chat,
     parse_choice,
@@ -53,7 +54,8 @@ def _request_id(request: Request[Any, Any, Any]) -> str:
     return request_id
 
 
-@post("/v1/chat/completions", status_code=200, summary="Chat completion (OpenAI-compatible)")
+@post("/v1/chat/completions", status_code=200, summary="Chat completion (OpenAI-compatible)",
+      operation_class=operation_with_body("ChatCompletionRequest"))
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     arrived = time.perf_counter()
     wire, domain = parse_chat(await request.body())
@@ -61,7 +63,8 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     return await _complete(request, "chat", _with_headers(request, domain, arrived), wire.stream, include_usage)
 
 
-@post("/v1/completions", status_code=200, summary="Text completion (OpenAI-compatible)")
+@post("/v1/completions", status_code=200, summary="Text completion (OpenAI-compatible)",
+      operation_class=operation_with_body("CompletionRequest"))
 async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     arrived = time.perf_counter()
     wire, domain = parse_completion(await request.body())
@@ -251,6 +254,7 @@ def create_app(engine: Engine, *, cache_dir: Path, default_deadline_ms: int | No
         request_max_body_size=max_body_bytes,
         debug=False,
     )
+    add_request_schemas(app.openapi_schema)
     app.state.engine = engine
     app.state.started_at = int(time.time())
     app.state.load_error = None

@@ -99,6 +99,14 @@ def test_health_and_ready(server: Server) -> None:
     assert ready.json()["status"] == "ready"
 
 
+def test_the_openapi_document_is_served_with_the_request_bodies(server: Server) -> None:
+    with server.http() as http:
+        document = http.get("/schema/openapi.json").json()
+    body = document["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionRequest")
+    assert "messages" in document["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+
+
 def test_models_lists_the_family_and_its_three_variants(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
     assert len(VARIANTS) == 3
