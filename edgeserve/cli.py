@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                        default=_env_int("EDGESERVE_DEFAULT_DEADLINE_MS", 0) or None,
                        help="deadline for requests without X-Deadline-Ms (env EDGESERVE_DEFAULT_DEADLINE_MS; "
                             "default none = best quality)")
+    serve.add_argument("--grace-s", type=float, default=float(_env_int("EDGESERVE_GRACE_S", 30)),
+                       help="on SIGTERM, how long admitted requests may take to finish (env EDGESERVE_GRACE_S)")
+    serve.add_argument("--memory-check", choices=["warn", "refuse", "off"],
+                       default=os.environ.get("EDGESERVE_MEMORY_CHECK", "warn"),
+                       help="when the variants do not fit in available RAM (env EDGESERVE_MEMORY_CHECK)")
     serve.add_argument("--max-queue", type=int, default=_env_int("EDGESERVE_MAX_QUEUE", 64),
                        help="requests waiting for a slot before new ones get 429 (env EDGESERVE_MAX_QUEUE)")
 
@@ -180,14 +185,15 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from edgeserve.http.app import create_app
+    from edgeserve.lifecycle import serve
     from edgeserve.logging import configure_logging, get_logger
     from edgeserve.routing.policy import uncovered_variants
+    from edgeserve.runtime.memory import check_memory
     from edgeserve.runtime.prepare import prepare_models
     from edgeserve.runtime.registry import ModelRegistry
     from edgeserve.runtime.scheduler import Scheduler
+    from edgeserve.sdnotify import Notifier
     from edgeserve.service import Engine
 
     settings = ServerSettings(models_path=args.models, cache_dir=args.cache_dir, host=args.host,
@@ -202,17 +208,23 @@ def _serve(args: argparse.Namespace) -> int:
     policy, policy_source = _load_policy(args.policy, settings.models_path)
     prepared = prepare_models(models, settings.models_path.resolve().parent, settings.cache_dir,
                               lambda line: log.info("prepare", detail=line))
+    memory = check_memory(sorted({item.path for item in prepared.values()}))
+    if not memory.fits and args.memory_check == "refuse":
+        raise SystemExit(f"edgeserve: {memory.message()}")
+    if args.memory_check != "off":
+        (log.info if memory.fits else log.warning)("memory", detail=memory.message())
     names = [v.name for f in models.families for v in f.variants]
     if missing := uncovered_variants(policy, names):
         log.warning("no_quality_curves", policy=policy_source, variants=missing,
                     detail="these variants are ranked as accuracy 0: the router picks them only when "
                            "nothing better fits; run the GSM8K sweep to write their curves")
     engine = Engine(ModelRegistry(models, prepared), Scheduler(settings.slots, args.max_queue), policy)
-    app = create_app(engine, cache_dir=settings.cache_dir, default_deadline_ms=args.default_deadline_ms)
+    notifier = Notifier()
+    app = create_app(engine, cache_dir=settings.cache_dir, default_deadline_ms=args.default_deadline_ms,
+                     notifier=notifier)
     log.info("serving", host=settings.host, port=settings.port, slots=settings.slots, policy=policy_source,
-             variants=list(prepared))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                log_level="warning", timeout_graceful_shutdown=10)
+             variants=list(prepared), grace_s=args.grace_s)
+    serve(engine, app, settings.host, settings.port, notifier, args.grace_s)
     return 0
 
 

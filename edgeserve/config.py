@@ -29,6 +29,7 @@ class VariantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
     n_threads: PositiveInt | None = None
     n_batch: PositiveInt = 512
     chat_template: str | None = None
+    use_mlock: bool = False  # pin the weights in RAM (needs LimitMEMLOCK= under systemd)
 
     @property
     def threads(self) -> int:

@@ -58,6 +58,14 @@ class NotReadyError(EdgeserveError):
                          code="not_ready")
 
 
+class ShuttingDownError(EdgeserveError):
+    """The server is draining before it stops; another instance (or this one, restarted) will serve."""
+
+    def __init__(self) -> None:
+        super().__init__("edgeserve is shutting down and admits no new requests; retry shortly.",
+                         code="shutting_down")
+
+
 class GenerationFailedError(EdgeserveError):
     """The runtime failed while generating (not the client's fault)."""
 

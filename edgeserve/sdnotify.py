@@ -26,11 +26,14 @@ class Notifier:
         return bool(self._address)
 
     def notify(self, *fields: str) -> None:
-        """Send `KEY=value` lines; errors are swallowed: telling systemd must never stop serving."""
+        """Send `KEY=value` lines without ever blocking: a reader that does not keep up (its queue
+        full) loses the message rather than stalling the event loop. Errors are swallowed: telling
+        systemd must never stop serving."""
         if not self._address:
             return
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
                 sock.sendto("\n".join(fields).encode(), self._address)
         except OSError:
             pass

@@ -12,7 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edgeserve.errors import ContextLengthExceededError, InvalidRequestError, NotReadyError, RefusedError
+from edgeserve.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    NotReadyError,
+    RefusedError,
+    ShuttingDownError,
+)
 from edgeserve.routing.costs import CostProfile, observe
 from edgeserve.routing.hints import apply_style_and_hint, hint_tokens_for
 from edgeserve.routing.policy import Decision, Refusal, RoutingRequest, VariantCandidate, choose
@@ -75,6 +81,7 @@ class Engine:
         self.profiles: dict[str, CostProfile] = dict(profiles or {})
         self._on_profiles_changed = on_profiles_changed
         self._updates = 0
+        self.draining = False  # set on the first SIGTERM: finish what is admitted, admit nothing
 
     @property
     def ready(self) -> bool:
@@ -85,6 +92,8 @@ class Engine:
         return f"{self.registry.loading_status()}, {calibrated}/{len(self.registry.runners)} calibrated"
 
     async def admit(self, request: InferenceRequest) -> Admission:
+        if self.draining:
+            raise ShuttingDownError()
         target = self.registry.resolve(request.model)
         if not self.ready:
             raise NotReadyError(self.status())

@@ -15,6 +15,7 @@ from edgeserve.errors import (
     ModelNotFoundError,
     NotReadyError,
     RefusedError,
+    ShuttingDownError,
 )
 from edgeserve.http.schemas import ErrorBody, ErrorResponse
 from edgeserve.logging import get_logger
@@ -53,7 +54,7 @@ def status_of(error: EdgeserveError) -> int:
         return 404
     if isinstance(error, ContextLengthExceededError | InvalidRequestError):
         return 400
-    if isinstance(error, NotReadyError):
+    if isinstance(error, NotReadyError | ShuttingDownError):
         return 503
     if isinstance(error, RefusedError):
         return 429

@@ -206,6 +206,7 @@ class LlamaRunner:
                 n_batch=self.config.n_batch,
                 n_threads=self.config.threads,
                 n_threads_batch=self.config.threads,
+                use_mlock=self.config.use_mlock,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:

@@ -42,6 +42,16 @@ def test_a_missing_socket_never_raises(tmp_path: Path) -> None:
     Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}).ready("x")
 
 
+def test_a_reader_that_does_not_keep_up_never_blocks_the_sender(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+        for i in range(5000):  # far beyond a datagram queue; nobody reads
+            notifier.status(f"step {i}")
+        assert receive_all(sock)[0] == "STATUS=step 0"
+
+
 def test_the_watchdog_interval_is_for_this_process_only() -> None:
     assert Notifier({"WATCHDOG_USEC": "4000000"}).watchdog_interval_s == 4.0
     assert Notifier({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())}).watchdog_interval_s == 4.0

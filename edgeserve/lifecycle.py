@@ -1,0 +1,69 @@
+"""Running under uvicorn with a graceful stop.
+
+First SIGTERM (or SIGINT): stop admitting (503 with Retry-After), let the requests already
+admitted — running or queued — finish within the grace period, then exit 0. A second signal
+exits at once. (uvicorn alone would close the listening socket, so new clients would see a
+refused connection instead of a 503, and it re-raises the signal, so the exit code is not 0.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from types import FrameType
+
+import uvicorn
+from litestar import Litestar
+
+from edgeserve.logging import get_logger
+from edgeserve.sdnotify import Notifier
+from edgeserve.service import Engine
+
+log = get_logger("edgeserve")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: Engine, notifier: Notifier, grace_s: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.notifier = notifier
+        self.grace_s = grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Runs as the signal handler; it only schedules work on the event loop."""
+        if self.engine.draining or self._loop is None:
+            log.warning("stop_now", signal=sig, detail="second signal: exiting without waiting")
+            os._exit(1)
+        self.engine.draining = True
+        self._loop.call_soon_threadsafe(self._start_drain, sig)
+
+    def _start_drain(self, sig: int) -> None:
+        self._drain = asyncio.create_task(self._drain_then_exit(sig))
+
+    async def _drain_then_exit(self, sig: int) -> None:
+        scheduler = self.engine.scheduler
+        log.info("draining", signal=sig, running=scheduler.running, queued=scheduler.queue_depth,
+                 grace_s=self.grace_s)
+        self.notifier.stopping(f"draining {scheduler.running + scheduler.queue_depth} requests")
+        deadline = time.monotonic() + self.grace_s
+        while (scheduler.running or scheduler.queue_depth) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = scheduler.running + scheduler.queue_depth
+        log.info("stopping", unfinished=left)
+        # What remains of the grace period lets the last responses reach their clients.
+        self.config.timeout_graceful_shutdown = max(1, int(deadline - time.monotonic()))
+        self.should_exit = True
+
+
+def serve(engine: Engine, app: Litestar, host: str, port: int, notifier: Notifier, grace_s: float) -> None:
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                            log_level="warning", timeout_graceful_shutdown=int(grace_s))
+    DrainingServer(config, engine, notifier, grace_s).run()
