@@ -18,9 +18,10 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edgeserve.errors import EdgeserveError, GenerationFailedError
-from edgeserve.http.errors import handle_domain_error, handle_http_exception, handle_unexpected
+from edgeserve.http.errors import handle_domain_error, handle_http_exception, handle_unexpected, status_of
 from edgeserve.http.openapi import add_request_schemas, operation_with_body
 from edgeserve.http.parse import (
     parse_chat,
@@ -32,9 +33,11 @@ from edgeserve.http.parse import (
 from edgeserve.http.responses import ChunkEncoder, CompletionContext, full_body
 from edgeserve.http.schemas import ModelCard, ModelList
 from edgeserve.logging import get_logger
+from edgeserve.metrics import NO_VARIANT, Metrics, Outcome, outcome_of
 from edgeserve.runtime.calibrate import CalibrationPlan, ensure_profiles, store_profiles
-from edgeserve.runtime.runner import Generation, GenerationResult
-from edgeserve.service import Engine, InferenceRequest
+from edgeserve.runtime.runner import Generation, GenerationResult, LlamaRunner
+from edgeserve.sdnotify import Notifier
+from edgeserve.service import Admission, Engine, InferenceRequest
 
 log = get_logger("edgeserve.http")
 _encoder = msgspec.json.Encoder()
@@ -44,6 +47,11 @@ MAX_BODY_BYTES = 1024 * 1024
 def _engine(request: Request[Any, Any, Any]) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
+
+
+def _metrics(request: Request[Any, Any, Any]) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
 
 
 def _request_id(request: Request[Any, Any, Any]) -> str:
@@ -91,26 +99,38 @@ async def _complete(
     request: Request[Any, Any, Any], kind: str, domain: InferenceRequest, stream: bool, include_usage: bool
 ) -> Response[bytes] | Stream:
     request_id = _request_id(request)
-    engine = _engine(request)
-    admission = await engine.admit(domain)
+    engine, metrics, client = _engine(request), _metrics(request), _client(request)
+    try:
+        admission = await engine.admit(domain)
+    except EdgeserveError as exc:
+        _log_turned_away(metrics, request_id, domain, None, exc, client)
+        raise
     ctx = CompletionContext(request_id, kind, admission, domain.arrived, domain.deadline_ms)
     if stream:
-        return Stream(_stream(engine, ctx, include_usage, _client(request)),
+        return Stream(_stream(engine, metrics, ctx, include_usage, client),
                       media_type="text/event-stream",
                       headers={**ctx.headers(), "Cache-Control": "no-cache"})
-    generation, ctx.queue_ms = await engine.start(admission)
+    try:
+        generation, ctx.queue_ms = await engine.start(admission)
+    except EdgeserveError as exc:  # the queue is full
+        _log_turned_away(metrics, request_id, domain, admission, exc, client)
+        raise
     try:
         text = await generation.text()
+    except GenerationFailedError:
+        _log_outcome(metrics, ctx, None, client, failed=True)
+        raise
     finally:
         generation.cancel()  # no-op once finished; stops the token loop if we were cancelled
     assert generation.result is not None
     engine.record(admission, generation.result)
-    _log_outcome(ctx, generation.result, _client(request))
+    _log_outcome(metrics, ctx, generation.result, client)
     return Response(full_body(ctx, text, generation.result), media_type="application/json",
                     headers=ctx.headers())
 
 
-async def _stream(engine: Engine, ctx: CompletionContext, include_usage: bool, client: str) -> AsyncIterator[bytes]:
+async def _stream(engine: Engine, metrics: Metrics, ctx: CompletionContext, include_usage: bool,
+                  client: str) -> AsyncIterator[bytes]:
     """Waits for its slot inside the stream, so a client leaving while queued is noticed too."""
     chunks = ChunkEncoder(ctx)
     first = chunks.first()
@@ -119,7 +139,10 @@ async def _stream(engine: Engine, ctx: CompletionContext, include_usage: bool, c
     try:
         generation, ctx.queue_ms = await engine.start(ctx.admission)
     except asyncio.CancelledError:  # the client left while waiting for a slot
-        _log_outcome(ctx, None, client)
+        _log_outcome(metrics, ctx, None, client)
+        raise
+    except EdgeserveError as exc:  # the queue is full
+        _log_turned_away(metrics, ctx.request_id, None, ctx.admission, exc, client)
         raise
     failed = False
     try:
@@ -136,42 +159,82 @@ async def _stream(engine: Engine, ctx: CompletionContext, include_usage: bool, c
         generation.cancel()
         if generation.result is None and not failed:
             # The token loop is still stopping: log what it really did once it reports.
-            task = asyncio.create_task(_log_when_done(ctx, generation, client))
+            task = asyncio.create_task(_log_when_done(metrics, ctx, generation, client))
             _background.add(task)
             task.add_done_callback(_background.discard)
         else:
-            _log_outcome(ctx, generation.result, client)
+            _log_outcome(metrics, ctx, generation.result, client, failed=failed)
 
 
 _background: set[asyncio.Task[None]] = set()
 
 
-async def _log_when_done(ctx: CompletionContext, generation: Generation, client: str) -> None:
+async def _log_when_done(metrics: Metrics, ctx: CompletionContext, generation: Generation, client: str) -> None:
     with contextlib.suppress(GenerationFailedError):  # logged as cancelled like before
         async for _ in generation:  # the pieces it made before it saw the cancel flag
             pass
-    _log_outcome(ctx, generation.result, client)
+    _log_outcome(metrics, ctx, generation.result, client)
 
 
 def _client(request: Request[Any, Any, Any]) -> str:
     return f"{request.client.host}:{request.client.port}" if request.client else "unknown"
 
 
-def _log_outcome(ctx: CompletionContext, result: GenerationResult | None, client: str) -> None:
-    """The one canonical line per request: the decision and what came of it."""
+def _log_outcome(metrics: Metrics, ctx: CompletionContext, result: GenerationResult | None, client: str,
+                 failed: bool = False) -> None:
+    """The one canonical line per request: the decision and what came of it (and its metrics)."""
+    total_ms = (time.perf_counter() - ctx.arrived) * 1000
+    outcome = outcome_of(result, ctx.deadline_ms, total_ms, failed)
+    metrics.finished(ctx.admission, result, outcome, total_ms=total_ms, queue_ms=ctx.queue_ms)
     log.info(
         "completion",
         request_id=ctx.request_id,
+        family=ctx.admission.variant_id.partition(":")[0],
         variant=ctx.admission.variant_id,
         deadline_ms=ctx.deadline_ms,
         predicted_ms=round(ctx.admission.decision.predicted_ms, 1),
         budget_tokens=ctx.admission.budget_tokens,
         hint_tokens=ctx.admission.decision.hint_tokens,
         queue_ms=round(ctx.queue_ms, 1),
-        actual_ms=round((time.perf_counter() - ctx.arrived) * 1000, 1),
+        actual_ms=round(total_ms, 1),
         prompt_tokens=len(ctx.admission.job.prompt_tokens),
         completion_tokens=result.predicted_n if result else None,
-        finish=result.finish if result else "cancelled",
+        finish=result.finish if result else None if failed else "cancelled",
+        outcome=outcome,
+        code=None,
+        client=client,
+    )
+
+
+def _log_turned_away(metrics: Metrics, request_id: str, domain: InferenceRequest | None,
+                     admission: Admission | None, error: EdgeserveError, client: str) -> None:
+    """The canonical line of a request that never ran: refused (429, or 503 while loading or
+    draining) or failed; the same fields, empty where nothing was decided. Input the router
+    rejects (another 4xx: unknown model, prompt too long) is only counted: its answer says it all."""
+    status = status_of(error)
+    outcome: Outcome = "refused" if status in (429, 503) else "rejected" if status < 500 else "failed"
+    variant = admission.variant_id if admission is not None else None
+    metrics.turned_away(outcome, variant or NO_VARIANT)
+    if outcome == "rejected":
+        return
+    model = variant or (domain.model if domain is not None else "")
+    arrived = domain.arrived if domain is not None else None
+    log.info(
+        "completion",
+        request_id=request_id,
+        family=model.partition(":")[0] or None,
+        variant=variant,
+        deadline_ms=domain.deadline_ms if domain is not None else None,
+        predicted_ms=round(admission.decision.predicted_ms, 1) if admission is not None else None,
+        budget_tokens=admission.budget_tokens if admission is not None else None,
+        hint_tokens=admission.decision.hint_tokens if admission is not None else None,
+        queue_ms=None,
+        actual_ms=round((time.perf_counter() - arrived) * 1000, 1) if arrived is not None else None,
+        prompt_tokens=len(admission.job.prompt_tokens) if admission is not None else None,
+        completion_tokens=None,
+        finish=None,
+        outcome=outcome,
+        code=error.code,
         client=client,
     )
 
@@ -196,6 +259,11 @@ async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(_encoder.encode(ModelList(cards)), media_type="application/json")
 
 
+@get("/metrics", summary="Prometheus metrics (text exposition format)", include_in_schema=False)
+async def metrics_endpoint(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return Response(generate_latest(_metrics(request).registry), media_type=CONTENT_TYPE_LATEST)
+
+
 @get("/health", summary="Liveness: the process answers")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
@@ -213,37 +281,50 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
 
 
 def create_app(engine: Engine, *, cache_dir: Path, default_deadline_ms: int | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> Litestar:
+               max_body_bytes: int = MAX_BODY_BYTES, notifier: Notifier | None = None) -> Litestar:
     """Models load (and, where no profile matches, calibrate) in the background after start-up,
-    so /health answers at once and /ready says 503 until every variant is loaded and costed."""
+    so /health answers at once and /ready says 503 until every variant is loaded and costed.
+    Under systemd (Type=notify) the progress goes to STATUS=, then READY=1, and the event loop
+    pings the watchdog."""
+    notify = notifier or Notifier({})
+
+    def loaded(runner: LlamaRunner) -> None:
+        log.info("variant_loaded", variant=runner.variant_id, load_ms=round(runner.load_ms or 0, 1))
+        notify.status(f"loaded {engine.registry.loading_status()}")
+
+    def calibrating(line: str) -> None:
+        log.info("calibration", detail=line)
+        notify.status(f"calibrating: {line}")
 
     @asynccontextmanager
     async def load_models(app: Litestar) -> AsyncIterator[None]:
         async def load() -> None:
             try:
-                await engine.registry.load_all(
-                    lambda r: log.info("variant_loaded", variant=r.variant_id, load_ms=round(r.load_ms or 0, 1))
-                )
+                notify.status(f"loading {len(engine.registry.runners)} variants")
+                await engine.registry.load_all(loaded)
                 engine.profiles = await ensure_profiles(
-                    list(engine.registry.runners.values()), cache_dir, CalibrationPlan.quick(),
-                    lambda line: log.info("calibration", detail=line),
+                    list(engine.registry.runners.values()), cache_dir, CalibrationPlan.quick(), calibrating
                 )
                 log.info("ready", detail=engine.status())
+                notify.ready(f"serving {', '.join(engine.registry.runners)}")
             except EdgeserveError as exc:
                 app.state.load_error = exc.message
                 log.error("load_failed", error=exc.message)
+                notify.status(f"failed: {exc.message}")
 
         task = asyncio.create_task(load())
+        watchdog = asyncio.create_task(notify.watchdog())
         try:
             yield
         finally:
             task.cancel()
+            watchdog.cancel()
             if engine.ready:
                 store_profiles(engine.profiles, cache_dir)
             engine.registry.close()
 
     app = Litestar(
-        route_handlers=[chat_completions, completions, list_models, health, ready],
+        route_handlers=[chat_completions, completions, list_models, metrics_endpoint, health, ready],
         lifespan=[load_models],
         exception_handlers={
             EdgeserveError: handle_domain_error,
@@ -256,6 +337,7 @@ def create_app(engine: Engine, *, cache_dir: Path, default_deadline_ms: int | No
     )
     add_request_schemas(app.openapi_schema)
     app.state.engine = engine
+    app.state.metrics = Metrics(engine)
     app.state.started_at = int(time.time())
     app.state.load_error = None
     app.state.default_deadline_ms = default_deadline_ms
