@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from edgeserve.bench import add_bench_parser
     from edgeserve.eval.cli import add_eval_parser
+    from edgeserve.loadtest import add_loadtest_parser
     from edgeserve.routing_bench import add_routing_bench_parser
     from edgeserve.simulate import add_simulate_parser
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(commands)
     add_routing_bench_parser(commands)
     add_bench_parser(commands)
+    add_loadtest_parser(commands)
 
     return parser
 
@@ -106,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from edgeserve.eval.cli import run_eval
 
             return run_eval(args)
+        if args.command == "loadtest":
+            from edgeserve.loadtest import run_loadtest
+
+            return run_loadtest(args)
         if args.command == "bench":
             from edgeserve.bench import run_bench
 
