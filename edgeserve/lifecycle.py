@@ -49,15 +49,14 @@ class DrainingServer(uvicorn.Server):
         self._drain = asyncio.create_task(self._drain_then_exit(sig))
 
     async def _drain_then_exit(self, sig: int) -> None:
-        scheduler = self.engine.scheduler
-        log.info("draining", signal=sig, running=scheduler.running, queued=scheduler.queue_depth,
-                 grace_s=self.grace_s)
-        self.notifier.stopping(f"draining {scheduler.running + scheduler.queue_depth} requests")
+        engine = self.engine
+        log.info("draining", signal=sig, in_flight=engine.in_flight, running=engine.scheduler.running,
+                 queued=engine.scheduler.queue_depth, grace_s=self.grace_s)
+        self.notifier.stopping(f"draining {engine.in_flight} requests")
         deadline = time.monotonic() + self.grace_s
-        while (scheduler.running or scheduler.queue_depth) and time.monotonic() < deadline:
+        while (engine.in_flight or engine.scheduler.running) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        left = scheduler.running + scheduler.queue_depth
-        log.info("stopping", unfinished=left)
+        log.info("stopping", unfinished=engine.in_flight)
         # What remains of the grace period lets the last responses reach their clients.
         self.config.timeout_graceful_shutdown = max(1, int(deadline - time.monotonic()))
         self.should_exit = True

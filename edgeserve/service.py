@@ -82,6 +82,7 @@ class Engine:
         self._on_profiles_changed = on_profiles_changed
         self._updates = 0
         self.draining = False  # set on the first SIGTERM: finish what is admitted, admit nothing
+        self.in_flight = 0  # admitted requests whose response is not finished (see `finished`)
 
     @property
     def ready(self) -> bool:
@@ -126,7 +127,13 @@ class Engine:
         max_tokens = min(decision.max_tokens, runner.n_ctx - len(tokens))
         job = GenerationJob(tokens, max_tokens, request.sampling, request.stop, deadline_at=deadline_at,
                             forcing=self._forcing(runner, request))
+        self.in_flight += 1
         return Admission(decision.variant_id, runner, prompt_text, job, decision)
+
+    def finished(self) -> None:
+        """The response of an admitted request is complete (or abandoned): a graceful stop waits
+        for this, not only for the generation, so the last bytes reach the client."""
+        self.in_flight = max(0, self.in_flight - 1)
 
     def _forcing(self, runner: LlamaRunner, request: InferenceRequest) -> AnswerForcing | None:
         config = self.policy.answer_forcing

@@ -111,9 +111,17 @@ async def _complete(
                       media_type="text/event-stream",
                       headers={**ctx.headers(), "Cache-Control": "no-cache"})
     try:
+        return await _respond(engine, metrics, ctx, client)
+    finally:
+        engine.finished()
+
+
+async def _respond(engine: Engine, metrics: Metrics, ctx: CompletionContext, client: str) -> Response[bytes]:
+    admission = ctx.admission
+    try:
         generation, ctx.queue_ms = await engine.start(admission)
     except EdgeserveError as exc:  # the queue is full
-        _log_turned_away(metrics, request_id, domain, admission, exc, client)
+        _log_turned_away(metrics, ctx.request_id, None, admission, exc, client)
         raise
     try:
         text = await generation.text()
@@ -130,6 +138,15 @@ async def _complete(
 
 
 async def _stream(engine: Engine, metrics: Metrics, ctx: CompletionContext, include_usage: bool,
+                  client: str) -> AsyncIterator[bytes]:
+    try:
+        async for frame in _frames(engine, metrics, ctx, include_usage, client):
+            yield frame
+    finally:
+        engine.finished()
+
+
+async def _frames(engine: Engine, metrics: Metrics, ctx: CompletionContext, include_usage: bool,
                   client: str) -> AsyncIterator[bytes]:
     """Waits for its slot inside the stream, so a client leaving while queued is noticed too."""
     chunks = ChunkEncoder(ctx)
