@@ -167,6 +167,7 @@ async def _frames(engine: Engine, metrics: Metrics, ctx: CompletionContext, incl
             yield chunks.piece(piece)
         assert generation.result is not None
         yield chunks.last(generation.result, include_usage)
+        engine.record(ctx.admission, generation.result)
     except GenerationFailedError:
         failed = True
         raise
