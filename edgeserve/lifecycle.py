@@ -1,7 +1,9 @@
 """Running under uvicorn with a graceful stop.
 
 First SIGTERM (or SIGINT): stop admitting (503 with Retry-After), let the requests already
-admitted — running or queued — finish within the grace period, then exit 0. A second signal
+admitted — running or queued — finish within the grace period, then exit 0. Shortly before the
+grace period ends, what still runs is stopped at its next token and what still waits is refused,
+so every response ends properly (a final chunk, [DONE]) instead of being cut. A second signal
 exits at once. (uvicorn alone would close the listening socket, so new clients would see a
 refused connection instead of a 503, and it re-raises the signal, so the exit code is not 0.)
 """
@@ -22,6 +24,7 @@ from edgeserve.sdnotify import Notifier
 from edgeserve.service import Engine
 
 log = get_logger("edgeserve")
+CUT_RESERVE_S = 2.0  # before the grace period ends, running generations are stopped
 
 
 class DrainingServer(uvicorn.Server):
@@ -54,12 +57,24 @@ class DrainingServer(uvicorn.Server):
                  queued=engine.scheduler.queue_depth, grace_s=self.grace_s)
         self.notifier.stopping(f"draining {engine.in_flight} requests")
         deadline = time.monotonic() + self.grace_s
-        while (engine.in_flight or engine.scheduler.running) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        cut_at = deadline - min(CUT_RESERVE_S, self.grace_s / 4)  # time for the cut responses to end
+        if not await self._until_idle(cut_at):
+            stopped = engine.cut_short()
+            log.warning("grace_expiring", detail=f"stopping {stopped} running generations early",
+                        in_flight=engine.in_flight)
+            await self._until_idle(deadline)
         log.info("stopping", unfinished=engine.in_flight)
         # What remains of the grace period lets the last responses reach their clients.
         self.config.timeout_graceful_shutdown = max(1, int(deadline - time.monotonic()))
         self.should_exit = True
+
+    async def _until_idle(self, until: float) -> bool:
+        engine = self.engine
+        while engine.in_flight or engine.scheduler.running:
+            if time.monotonic() >= until:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
 
 def serve(engine: Engine, app: Litestar, host: str, port: int, notifier: Notifier, grace_s: float) -> None:

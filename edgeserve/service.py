@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from edgeserve.errors import (
     RefusedError,
     ShuttingDownError,
 )
-from edgeserve.routing.costs import CostProfile, observe
+from edgeserve.routing.costs import CostProfile, observe, predict_ms
 from edgeserve.routing.hints import apply_style_and_hint, hint_tokens_for
 from edgeserve.routing.policy import Decision, Refusal, RoutingRequest, VariantCandidate, choose
 from edgeserve.routing.policy_file import PolicyFile
@@ -83,6 +84,7 @@ class Engine:
         self._updates = 0
         self.draining = False  # set on the first SIGTERM: finish what is admitted, admit nothing
         self.in_flight = 0  # admitted requests whose response is not finished (see `finished`)
+        self._generations: weakref.WeakSet[Generation] = weakref.WeakSet()  # started, maybe running
 
     @property
     def ready(self) -> bool:
@@ -114,6 +116,7 @@ class Engine:
             pinned=None if target.pinned is None else target.variant_id(target.pinned),
             style=request.style,
             hint=hint_on,
+            run_limit_ms=self.scheduler.slack_ms(deadline_at),
         )
         decision = choose(routing, self._candidates(target), self.policy,
                           self.scheduler.wait_estimate_ms(deadline_at))
@@ -181,8 +184,31 @@ class Engine:
                             min_deadline_ms=refusal.min_deadline_ms)
 
     async def start(self, admission: Admission) -> tuple[Generation, float]:
-        """Wait for a CPU slot and start generating; returns the generation and queue ms."""
-        return await self.scheduler.start(admission.runner, admission.job, admission.decision.predicted_ms)
+        """Wait for a CPU slot and start generating; returns the generation and queue ms.
+        Raises RefusedError when the deadline can no longer fit the shortest useful answer."""
+        generation, queue_ms = await self.scheduler.start(
+            admission.runner, admission.job, admission.decision.predicted_ms, self._min_run_ms(admission))
+        self._generations.add(generation)
+        return generation, queue_ms
+
+    def cut_short(self) -> int:
+        """The grace period of a stop is running out: refuse what still waits for a slot (503)
+        and stop every running generation at its next token, so each response still ends
+        properly (a final chunk and [DONE]) instead of being cut by the closing connection.
+        Returns how many generations were told to stop."""
+        self.scheduler.refuse_waiting(ShuttingDownError())
+        running = [g for g in self._generations if g.result is None and not g.cancelled]
+        for generation in running:
+            generation.cancel()
+        return len(running)
+
+    def _min_run_ms(self, admission: Admission) -> float:
+        """Predicted time of the prompt and the policy's minimum useful tokens."""
+        profile = self.profiles.get(admission.variant_id)
+        if profile is None:
+            return 0.0
+        tokens = min(self.policy.routing.min_useful_tokens, admission.job.max_tokens)
+        return predict_ms(profile, len(admission.job.prompt_tokens), tokens)
 
     def record(self, admission: Admission, result: GenerationResult) -> None:
         """Fold a finished request into its variant's cost profile, so throttling or a busy CPU

@@ -21,7 +21,13 @@ from litestar.response import Stream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edgeserve.errors import EdgeserveError, GenerationFailedError
-from edgeserve.http.errors import handle_domain_error, handle_http_exception, handle_unexpected, status_of
+from edgeserve.http.errors import (
+    error_frame,
+    handle_domain_error,
+    handle_http_exception,
+    handle_unexpected,
+    status_of,
+)
 from edgeserve.http.openapi import add_request_schemas, operation_with_body
 from edgeserve.http.parse import (
     parse_chat,
@@ -30,7 +36,7 @@ from edgeserve.http.parse import (
     parse_deadline_ms,
     parse_switch,
 )
-from edgeserve.http.responses import ChunkEncoder, CompletionContext, full_body
+from edgeserve.http.responses import DONE, ChunkEncoder, CompletionContext, full_body
 from edgeserve.http.schemas import ModelCard, ModelList
 from edgeserve.logging import get_logger
 from edgeserve.metrics import NO_VARIANT, Metrics, Outcome, outcome_of
@@ -120,7 +126,7 @@ async def _respond(engine: Engine, metrics: Metrics, ctx: CompletionContext, cli
     admission = ctx.admission
     try:
         generation, ctx.queue_ms = await engine.start(admission)
-    except EdgeserveError as exc:  # the queue is full
+    except EdgeserveError as exc:  # the queue is full, or the deadline expired while queued
         _log_turned_away(metrics, ctx.request_id, None, admission, exc, client)
         raise
     try:
@@ -158,9 +164,11 @@ async def _frames(engine: Engine, metrics: Metrics, ctx: CompletionContext, incl
     except asyncio.CancelledError:  # the client left while waiting for a slot
         _log_outcome(metrics, ctx, None, client)
         raise
-    except EdgeserveError as exc:  # the queue is full
+    except EdgeserveError as exc:  # the queue is full, or the deadline expired while queued
         _log_turned_away(metrics, ctx.request_id, None, ctx.admission, exc, client)
-        raise
+        yield error_frame(exc)  # the 200 is sent already: say why in the stream, then end it
+        yield DONE
+        return
     failed = False
     try:
         async for piece in generation:

@@ -61,6 +61,14 @@ def status_of(error: EdgeserveError) -> int:
     return 500
 
 
+def error_frame(error: EdgeserveError) -> bytes:
+    """The error as a server-sent event, for a stream whose 200 and headers are already sent
+    (OpenAI streams report errors the same way: ``data: {"error": {...}}``)."""
+    body = ErrorResponse(ErrorBody(error.message, ERROR_TYPES.get(status_of(error), "server_error"),
+                                   error.param, error.code))
+    return b"data: " + _encoder.encode(body) + b"\n\n"
+
+
 def handle_domain_error(request: Request[Any, Any, Any], error: EdgeserveError) -> Response[bytes]:
     status = status_of(error)
     headers = {"Retry-After": "1"} if status == 503 else None

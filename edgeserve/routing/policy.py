@@ -36,6 +36,8 @@ class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
     ``requested_max_tokens`` None → the policy's default; ``deadline_ms`` (from arrival) None →
     best quality; ``pinned`` is a variant_id; ``style`` None → the policy's default style;
     ``hint`` None → the policy's ``hint.enabled`` (X-Budget-Hint overrides it).
+    ``run_limit_ms`` (None: none) is the longest this generation may take without making a
+    request already queued behind it miss; it caps the budget like the deadline does.
     """
 
     prompt_tokens: int
@@ -44,6 +46,7 @@ class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
     pinned: str | None = None
     style: str | None = None
     hint: bool | None = None
+    run_limit_ms: float | None = None
 
 
 class VariantCandidate(msgspec.Struct, frozen=True, kw_only=True):
@@ -159,12 +162,14 @@ def choose(
         )
 
     avail = math.inf if deadline is None else available_ms(deadline, queue, policy)
+    run_limit = math.inf if request.run_limit_ms is None else max(request.run_limit_ms, 0.0)
+    queued_cap = run_limit < avail
+    avail = min(avail, run_limit)
     options: list[_Option] = []
     for c in fitting:
         cap = min(max_tokens, c.n_ctx - prompt)
         minimum = min(policy.routing.min_useful_tokens, cap)
-        budget = cap if deadline is None else max_new_tokens_within(
-            c.profile, prompt, avail, limit=cap)
+        budget = cap if math.isinf(avail) else max_new_tokens_within(c.profile, prompt, avail, limit=cap)
         predicted = predict_ms(c.profile, prompt, budget)
         while deadline is not None and budget > 0 and predicted + queue > deadline:
             budget -= 1  # float rounding guard for the invariant; practically never runs
@@ -178,11 +183,13 @@ def choose(
             limit = "max_tokens"
         elif budget == c.n_ctx - prompt:
             limit = "the context"
+        elif queued_cap:
+            limit = "requests queued behind it"
         options.append(_Option(c, budget, accuracy, predicted, limit))
 
     if not options:
         assert deadline is not None  # without a deadline every fitting variant is an option
-        return _refuse(request, fitting, policy, deadline, queue, max_tokens)
+        return _refuse(request, fitting, policy, deadline, queue, max_tokens, queued_cap)
 
     best = options[0]
     for option in options[1:]:
@@ -221,7 +228,7 @@ def _reason(best: _Option, options: list[_Option], request: RoutingRequest, poli
         margin = safety_margin_ms(deadline, policy)
         text = (f"{head} in {format_ms(best.predicted_ms)} ≤ {format_ms(deadline)} − "
                 f"{format_ms(queue)} queue − {format_ms(margin)} margin")
-    if best.limit is not None and deadline is not None:
+    if best.limit is not None and (deadline is not None or request.run_limit_ms is not None):
         text += f" (capped by {best.limit})"
     others = [o for o in options if o is not best]
     if others:
@@ -231,7 +238,7 @@ def _reason(best: _Option, options: list[_Option], request: RoutingRequest, poli
 
 
 def _refuse(request: RoutingRequest, fitting: list[VariantCandidate], policy: PolicyFile,
-            deadline: float, queue: float, max_tokens: int) -> Refusal:
+            deadline: float, queue: float, max_tokens: int, queued_cap: bool) -> Refusal:
     """Why nothing fits, the smallest deadline that would, and when to retry."""
     prompt = max(request.prompt_tokens, 0)
     routing = policy.routing
@@ -252,6 +259,17 @@ def _refuse(request: RoutingRequest, fitting: list[VariantCandidate], policy: Po
         retry_after = max(1, math.ceil(queue / 1000))
         why = "even with an empty queue it does not fit"
     pinned = "pinned " if request.pinned is not None else ""
+    if queued_cap and request.run_limit_ms is not None and need <= deadline - queue - margin:
+        # It would fit on its own; running it first would make requests already queued miss.
+        return Refusal(
+            reason=(f"deadline {format_ms(deadline)} is infeasible now: the fastest useful answer "
+                    f"({pinned}{fastest.name}, {minimum} tokens) needs {format_ms(need)}, but going "
+                    f"ahead of the requests already queued may take at most "
+                    f"{format_ms(max(request.run_limit_ms, 0.0))} without making them miss theirs"),
+            code="deadline_infeasible",
+            retry_after_s=max(1, math.ceil(queue / 1000)),
+            min_deadline_ms=None,
+        )
     return Refusal(
         reason=(f"deadline {format_ms(deadline)} is infeasible: the fastest useful answer "
                 f"({pinned}{fastest.name}, {minimum} tokens) needs {format_ms(need)} + "

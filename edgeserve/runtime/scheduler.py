@@ -4,6 +4,12 @@ One generation runs at a time by default: two at once on a 4-core board only mak
 Requests without a deadline sort after every request with one. A request waits for its slot
 instead of interrupting the running generation; the slot is released by the runner's thread
 when the job really ends, so a client that goes away cannot leave a slot held.
+
+Two rules keep the deadlines of admitted requests (issue 5: under overload, what is admitted
+must finish in time): `slack_ms` tells admission how long a newcomer may run without pushing a
+request already queued behind it past its predicted finish, and a queued request whose deadline
+can no longer fit its shortest useful run when its turn comes is refused (429) instead of
+started late.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class _Ticket:
     deadline_key: float
     seq: int
     predicted_ms: float = field(compare=False)
+    min_run_ms: float = field(compare=False)
     granted: asyncio.Future[None] = field(compare=False)
 
 
@@ -59,10 +66,31 @@ class Scheduler:
             return 0.0
         return busy / self.slots
 
-    async def start(self, runner: LlamaRunner, job: GenerationJob, predicted_ms: float = 0.0
-                    ) -> tuple[Generation, float]:
+    def slack_ms(self, deadline_at: float | None) -> float | None:
+        """The longest a newcomer with this deadline may run without making a request already
+        queued behind it (a later deadline) miss its predicted finish; None when nothing is.
+        Queued requests that are late already are left out: they cannot be saved by refusing
+        the newcomer, and will be refused themselves when their turn comes."""
+        if deadline_at is None:
+            return None  # sorts after everything queued
+        now = time.perf_counter()
+        busy = sum(max(0.0, predicted - (now - started) * 1000) for started, predicted in self._running.values())
+        slack: float | None = None
+        for ticket in sorted(self._waiting):
+            busy += ticket.predicted_ms  # everything up to and including this ticket
+            if ticket.deadline_key <= deadline_at or math.isinf(ticket.deadline_key):
+                continue
+            own = (ticket.deadline_key - now) * 1000 - busy / self.slots
+            if own >= 0:
+                slack = own * self.slots if slack is None else min(slack, own * self.slots)
+        return slack
+
+    async def start(self, runner: LlamaRunner, job: GenerationJob, predicted_ms: float = 0.0,
+                    min_run_ms: float = 0.0) -> tuple[Generation, float]:
         """Wait for a slot (earliest deadline first), then start the job on its runner.
-        Returns the generation and the milliseconds spent waiting."""
+        Returns the generation and the milliseconds spent waiting. ``min_run_ms`` is the job's
+        shortest useful run (prefill and a few tokens): if its deadline cannot fit that by the
+        time its turn comes, it is refused with 429 rather than started to miss."""
         queued = time.perf_counter()
         seq = next(self._seq)
         if self._free > 0 and not self._waiting:
@@ -73,7 +101,7 @@ class Scheduler:
                     f"The queue is full ({self.max_queue} requests waiting); retry shortly.",
                     code="queue_full", retry_after_s=math.ceil(self.wait_estimate_ms(None) / 1000))
             ticket = _Ticket(math.inf if job.deadline_at is None else job.deadline_at, seq,
-                             predicted_ms, asyncio.get_running_loop().create_future())
+                             predicted_ms, min_run_ms, asyncio.get_running_loop().create_future())
             heapq.heappush(self._waiting, ticket)
             try:
                 await ticket.granted
@@ -94,12 +122,30 @@ class Scheduler:
             raise
         return generation, queue_ms
 
+    def refuse_waiting(self, error: Exception) -> None:
+        """Every request still waiting for a slot gets this error instead (a stop)."""
+        waiting, self._waiting = self._waiting, []
+        for ticket in waiting:
+            if not ticket.granted.done():
+                ticket.granted.set_exception(error)
+
     def _release(self, seq: int | None) -> None:
         if seq is not None:
             self._running.pop(seq, None)
+        now = time.perf_counter()
         while self._waiting:
             ticket = heapq.heappop(self._waiting)
-            if not ticket.granted.done():
-                ticket.granted.set_result(None)
-                return
+            if ticket.granted.done():
+                continue  # its client left
+            late_ms = (now - ticket.deadline_key) * 1000 + ticket.min_run_ms
+            if late_ms > 0:
+                ticket.granted.set_exception(RefusedError(
+                    f"Cannot answer within the deadline: after waiting in the queue, the "
+                    f"{(ticket.deadline_key - now) * 1000:.0f} ms left are less than the "
+                    f"{ticket.min_run_ms:.0f} ms the shortest useful answer needs; retry with a "
+                    "longer deadline.",
+                    code="deadline_infeasible", retry_after_s=1))
+                continue
+            ticket.granted.set_result(None)
+            return
         self._free += 1

@@ -92,6 +92,41 @@ async def test_a_request_that_leaves_the_queue_frees_its_place(runner: LlamaRunn
     await generation.text()
 
 
+async def test_slack_is_what_a_newcomer_may_take_without_making_queued_requests_miss(
+        runner: LlamaRunner) -> None:
+    scheduler = Scheduler(slots=1)
+    running, _ = await scheduler.start(runner, job(runner, 24), predicted_ms=300)
+    queued = asyncio.create_task(scheduler.start(runner, job(runner, 2, deadline_in_s=1.0), predicted_ms=200))
+    await asyncio.sleep(0.01)
+    now = time.perf_counter()
+    # Due before the queued one (1 s): it may take what the queued one can spare, 1000 - 300 - 200.
+    slack = scheduler.slack_ms(now + 0.5)
+    assert slack is not None and 450 < slack <= 520  # less the ms that passed: the 300 shrink too
+    assert scheduler.slack_ms(now + 2.0) is None  # it would queue behind: nobody to protect
+    assert scheduler.slack_ms(None) is None
+    await running.text()
+    generation, _ = await queued
+    await generation.text()
+
+
+async def test_a_queued_request_whose_deadline_can_no_longer_be_met_is_refused_not_started(
+        runner: LlamaRunner) -> None:
+    scheduler = Scheduler(slots=1)
+    running, _ = await scheduler.start(runner, job(runner, 24), predicted_ms=300)
+    doomed = asyncio.create_task(scheduler.start(runner, job(runner, 2, deadline_in_s=0.05), predicted_ms=20,
+                                                 min_run_ms=20))
+    patient = asyncio.create_task(scheduler.start(runner, job(runner, 2, deadline_in_s=30), predicted_ms=20,
+                                                  min_run_ms=20))
+    await running.text()  # 24 tokens take longer than the doomed request's 50 ms
+    with pytest.raises(RefusedError) as refused:
+        await doomed
+    assert refused.value.code == "deadline_infeasible"
+    assert "after waiting in the queue" in refused.value.message
+    generation, _ = await patient  # the slot went on to the next one
+    await generation.text()
+    assert scheduler.queue_depth == 0
+
+
 async def test_the_runner_stops_before_a_token_that_would_overrun_the_deadline(runner: LlamaRunner) -> None:
     scheduler = Scheduler(slots=1)
     generation, _ = await scheduler.start(runner, job(runner, 1000, deadline_in_s=0.3))
