@@ -50,13 +50,22 @@ class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class VariantCandidate(msgspec.Struct, frozen=True, kw_only=True):
-    """One variant as routing sees it: ``name`` is its key in the policy's curves (e.g. q8_0)."""
+    """One variant as routing sees it: ``name`` is its key in the policy's curves (e.g. q8_0).
+
+    ``wait_ms`` None: it waits in the request's queue (a local CPU slot); a remote variant that
+    queues elsewhere gives its own. ``load_ms``: time to load it before it can start (0 when
+    resident), part of its prediction. ``unavailable_reason`` says why ``available`` is False
+    (a remote's open circuit), and the decision's reason repeats it.
+    """
 
     variant_id: str
     name: str
     profile: CostProfile
     n_ctx: int
     available: bool = True
+    wait_ms: float | None = None
+    load_ms: float = 0.0
+    unavailable_reason: str | None = None
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -132,7 +141,8 @@ def choose(
 ) -> Decision | Refusal:
     """The variant and budget with the best expected accuracy that fit the request's deadline.
 
-    Guarantee: for a Decision with a deadline, ``predicted_ms + queue_wait_ms <= deadline_ms``.
+    Guarantee: for a Decision with a deadline, ``predicted_ms + queue_wait_ms <= deadline_ms``
+    (``predicted_ms`` includes the chosen variant's load time, ``queue_wait_ms`` is its wait).
     """
     if request.requested_max_tokens is not None and request.requested_max_tokens < 1:
         raise ValueError("requested_max_tokens must be at least 1")
@@ -150,8 +160,9 @@ def choose(
             return Refusal(reason=f"pinned variant {request.pinned} is not configured",
                            code="variant_unavailable")
     live = [c for c in pool if c.available]
+    excluded = [c for c in pool if not c.available]
     if not live:
-        which = request.pinned or ", ".join(c.variant_id for c in pool) or "none configured"
+        which = "; ".join(_excluded(c) for c in pool) or "none configured"
         return Refusal(reason=f"no variant is available ({which})", code="variant_unavailable")
     fitting = [c for c in live if c.n_ctx - prompt >= 1]
     if not fitting:
@@ -161,19 +172,22 @@ def choose(
             code="context_length_exceeded",
         )
 
-    avail = math.inf if deadline is None else available_ms(deadline, queue, policy)
     run_limit = math.inf if request.run_limit_ms is None else max(request.run_limit_ms, 0.0)
-    queued_cap = run_limit < avail
-    avail = min(avail, run_limit)
+    queued_cap = False
     options: list[_Option] = []
     for c in fitting:
+        wait = _wait(c, queue)
+        avail = math.inf if deadline is None else available_ms(deadline, wait, policy)
+        if c.wait_ms is None and run_limit < avail:  # only a local slot delays the local queue
+            avail, queued_cap = run_limit, True
+        avail -= c.load_ms
         cap = min(max_tokens, c.n_ctx - prompt)
         minimum = min(policy.routing.min_useful_tokens, cap)
         budget = cap if math.isinf(avail) else max_new_tokens_within(c.profile, prompt, avail, limit=cap)
-        predicted = predict_ms(c.profile, prompt, budget)
-        while deadline is not None and budget > 0 and predicted + queue > deadline:
+        predicted = c.load_ms + predict_ms(c.profile, prompt, budget)
+        while deadline is not None and budget > 0 and predicted + wait > deadline:
             budget -= 1  # float rounding guard for the invariant; practically never runs
-            predicted = predict_ms(c.profile, prompt, budget)
+            predicted = c.load_ms + predict_ms(c.profile, prompt, budget)
         if budget < minimum:
             continue
         curve = policy.curve_for(c.name, style, hint_on)
@@ -183,13 +197,13 @@ def choose(
             limit = "max_tokens"
         elif budget == c.n_ctx - prompt:
             limit = "the context"
-        elif queued_cap:
+        elif queued_cap and c.wait_ms is None and run_limit <= avail + c.load_ms:
             limit = "requests queued behind it"
         options.append(_Option(c, budget, accuracy, predicted, limit))
 
     if not options:
         assert deadline is not None  # without a deadline every fitting variant is an option
-        return _refuse(request, fitting, policy, deadline, queue, max_tokens, queued_cap)
+        return _refuse(request, fitting, policy, deadline, queue, max_tokens, queued_cap, excluded)
 
     best = options[0]
     for option in options[1:]:
@@ -206,15 +220,23 @@ def choose(
         hint_tokens=hint_tokens_for(best.budget, policy) if hint_on else None,
         predicted_ms=best.predicted_ms,
         expected_accuracy=best.accuracy,
-        reason=_reason(best, options, request, policy, queue, style, hint_on),
+        reason=_reason(best, options, request, policy, _wait(chosen, queue), style, hint_on, excluded),
         style=style,
         deadline_ms=deadline,
-        queue_wait_ms=queue,
+        queue_wait_ms=_wait(chosen, queue),
     )
 
 
+def _wait(candidate: VariantCandidate, queue: float) -> float:
+    return queue if candidate.wait_ms is None else max(candidate.wait_ms, 0.0)
+
+
+def _excluded(candidate: VariantCandidate) -> str:
+    return f"{candidate.variant_id} {candidate.unavailable_reason or 'is not available'}"
+
+
 def _reason(best: _Option, options: list[_Option], request: RoutingRequest, policy: PolicyFile,
-            queue: float, style: str, hint_on: bool) -> str:
+            queue: float, style: str, hint_on: bool, excluded: list[VariantCandidate]) -> str:
     name = best.candidate.name
     pinned = "pinned " if request.pinned is not None else ""
     if policy.curve_for(name, style, hint_on) is None:
@@ -228,53 +250,61 @@ def _reason(best: _Option, options: list[_Option], request: RoutingRequest, poli
         margin = safety_margin_ms(deadline, policy)
         text = (f"{head} in {format_ms(best.predicted_ms)} ≤ {format_ms(deadline)} − "
                 f"{format_ms(queue)} queue − {format_ms(margin)} margin")
+    if best.candidate.load_ms > 0:
+        text += f" (including {format_ms(best.candidate.load_ms)} to load it)"
     if best.limit is not None and (deadline is not None or request.run_limit_ms is not None):
         text += f" (capped by {best.limit})"
     others = [o for o in options if o is not best]
     if others:
         text += "; " + ", ".join(
             f"{o.candidate.name} {o.accuracy:.2f} at {o.budget}" for o in others[:3])
+    if excluded:
+        text += "; excluded: " + "; ".join(_excluded(c) for c in excluded)
     return text
 
 
 def _refuse(request: RoutingRequest, fitting: list[VariantCandidate], policy: PolicyFile,
-            deadline: float, queue: float, max_tokens: int, queued_cap: bool) -> Refusal:
+            deadline: float, queue: float, max_tokens: int, queued_cap: bool,
+            excluded: list[VariantCandidate]) -> Refusal:
     """Why nothing fits, the smallest deadline that would, and when to retry."""
     prompt = max(request.prompt_tokens, 0)
     routing = policy.routing
     margin = safety_margin_ms(deadline, policy)
-    needs: list[tuple[float, VariantCandidate, int]] = []
+    needs: list[tuple[float, float, VariantCandidate, int]] = []  # (wait + need, need, candidate, tokens)
     for c in fitting:
         minimum = min(routing.min_useful_tokens, max_tokens, c.n_ctx - prompt)
-        needs.append((predict_ms(c.profile, prompt, minimum), c, minimum))
-    need, fastest, minimum = min(needs, key=lambda item: item[0])
+        need = c.load_ms + predict_ms(c.profile, prompt, minimum)
+        needs.append((_wait(c, queue) + need, need, c, minimum))
+    _, need, fastest, minimum = min(needs, key=lambda item: item[0])
+    wait = _wait(fastest, queue)
     # D is feasible iff D - q - max(m, r*D) >= need  <=>  D >= q + m + need and D*(1-r) >= q + need
-    min_deadline = math.ceil(max(queue + routing.safety_margin_ms + need,
-                                 (queue + need) / (1 - routing.safety_margin_ratio)))
+    min_deadline = math.ceil(max(wait + routing.safety_margin_ms + need,
+                                 (wait + need) / (1 - routing.safety_margin_ratio)))
     max_wait = deadline - margin - need  # the longest queue wait this deadline could absorb
     if max_wait >= 0:
-        retry_after = max(1, math.ceil((queue - max_wait) / 1000))
-        why = f"the queue ({format_ms(queue)}) must first drain to {format_ms(max_wait)}"
+        retry_after = max(1, math.ceil((wait - max_wait) / 1000))
+        why = f"the queue ({format_ms(wait)}) must first drain to {format_ms(max_wait)}"
     else:
-        retry_after = max(1, math.ceil(queue / 1000))
+        retry_after = max(1, math.ceil(wait / 1000))
         why = "even with an empty queue it does not fit"
     pinned = "pinned " if request.pinned is not None else ""
-    if queued_cap and request.run_limit_ms is not None and need <= deadline - queue - margin:
+    gone = f"; excluded: {'; '.join(_excluded(c) for c in excluded)}" if excluded else ""
+    if queued_cap and request.run_limit_ms is not None and need <= deadline - wait - margin:
         # It would fit on its own; running it first would make requests already queued miss.
         return Refusal(
             reason=(f"deadline {format_ms(deadline)} is infeasible now: the fastest useful answer "
                     f"({pinned}{fastest.name}, {minimum} tokens) needs {format_ms(need)}, but going "
                     f"ahead of the requests already queued may take at most "
-                    f"{format_ms(max(request.run_limit_ms, 0.0))} without making them miss theirs"),
+                    f"{format_ms(max(request.run_limit_ms, 0.0))} without making them miss theirs{gone}"),
             code="deadline_infeasible",
-            retry_after_s=max(1, math.ceil(queue / 1000)),
+            retry_after_s=max(1, math.ceil(wait / 1000)),
             min_deadline_ms=None,
         )
     return Refusal(
         reason=(f"deadline {format_ms(deadline)} is infeasible: the fastest useful answer "
                 f"({pinned}{fastest.name}, {minimum} tokens) needs {format_ms(need)} + "
-                f"{format_ms(queue)} queue + {format_ms(margin)} margin; {why}; the smallest "
-                f"deadline accepted now is {format_ms(min_deadline)}"),
+                f"{format_ms(wait)} queue + {format_ms(margin)} margin; {why}; the smallest "
+                f"deadline accepted now is {format_ms(min_deadline)}{gone}"),
         code="deadline_infeasible",
         retry_after_s=retry_after,
         min_deadline_ms=float(min_deadline),

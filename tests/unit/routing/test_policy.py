@@ -22,7 +22,7 @@ from edgeserve.routing.policy import (
     uncovered_variants,
 )
 from edgeserve.routing.policy_file import PolicyFile, parse_policy
-from tests.unit.routing.conftest import SIMPLE_POLICY, candidate
+from tests.unit.routing.conftest import SIMPLE_POLICY, candidate, flat_profile
 
 
 @dataclass(frozen=True)
@@ -301,3 +301,43 @@ def test_a_request_that_would_make_queued_ones_miss_is_refused_with_that_reason(
     assert refusal.code == "deadline_infeasible"
     assert "already queued" in refusal.reason and "100 ms" in refusal.reason
     assert refusal.retry_after_s == 1
+
+
+def test_a_variant_with_its_own_wait_is_not_delayed_by_the_local_queue(simple_policy: PolicyFile) -> None:
+    local = candidate("fast", 10.0)
+    remote = VariantCandidate(variant_id="fam:slow", name="slow", profile=flat_profile("fam:slow", 30.0),
+                              n_ctx=4096, wait_ms=0.0)
+    request = RoutingRequest(prompt_tokens=50, deadline_ms=3000, run_limit_ms=10)
+    decision = choose(request, [local, remote], simple_policy, 2900)
+    # the local queue (2.9 s) leaves the fast variant 10 tokens; the remote one has the whole 3 s
+    assert isinstance(decision, Decision)
+    assert (decision.variant_name, decision.max_tokens, decision.queue_wait_ms) == ("slow", 100, 0.0)
+    assert decision.predicted_ms + decision.queue_wait_ms <= 3000
+
+
+def test_load_time_is_part_of_the_prediction_and_the_reason(simple_policy: PolicyFile) -> None:
+    cold = VariantCandidate(variant_id="fam:slow", name="slow", profile=flat_profile("fam:slow", 30.0),
+                            n_ctx=4096, load_ms=1500.0)
+    decision = choose(RoutingRequest(prompt_tokens=50, deadline_ms=4500, requested_max_tokens=200),
+                      [candidate("fast", 10.0), cold], simple_policy, 0)
+    # warm, slow would get 150 tokens (0.5); cold, it gets 100 (0.2): fast's 200 tokens (0.4) win
+    assert isinstance(decision, Decision) and decision.variant_name == "fast"
+    pinned = choose(RoutingRequest(prompt_tokens=50, deadline_ms=4500, pinned="fam:slow"), [cold],
+                    simple_policy, 0)
+    assert isinstance(pinned, Decision)
+    assert pinned.max_tokens == 100 and pinned.predicted_ms == pytest.approx(1500 + 100 * 30)
+    assert "1.5 s to load it" in pinned.reason
+
+
+def test_excluded_variants_are_named_with_their_reason(simple_policy: PolicyFile) -> None:
+    down = VariantCandidate(variant_id="fam:slow", name="slow", profile=flat_profile("fam:slow", 30.0),
+                            n_ctx=4096, available=False,
+                            unavailable_reason="is down (connection refused; next check in 4 s)")
+    decision = choose(RoutingRequest(prompt_tokens=50, deadline_ms=3000), [candidate("fast", 10.0), down],
+                      simple_policy, 0)
+    assert isinstance(decision, Decision) and decision.variant_name == "fast"
+    assert "excluded: fam:slow is down (connection refused" in decision.reason
+    refusal = choose(RoutingRequest(prompt_tokens=50, deadline_ms=3000, pinned="fam:slow"), [down],
+                     simple_policy, 0)
+    assert isinstance(refusal, Refusal) and refusal.code == "variant_unavailable"
+    assert "connection refused" in refusal.reason

@@ -44,7 +44,8 @@ def candidate_lists(draw: st.DrawFn) -> list[VariantCandidate]:
     names = draw(st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=1, max_size=4,
                           unique=True))
     return [VariantCandidate(variant_id=f"f:{name}", name=name, profile=draw(profiles),
-                             n_ctx=draw(st.integers(64, 8192)), available=draw(st.booleans()))
+                             n_ctx=draw(st.integers(64, 8192)), available=draw(st.booleans()),
+                             wait_ms=draw(st.none() | st.floats(0, 1e5)), load_ms=draw(st.floats(0, 1e5)))
             for name in names]
 
 
@@ -72,17 +73,19 @@ def test_a_decision_never_exceeds_its_deadline(request: RoutingRequest,
             assert result.min_deadline_ms > (request.deadline_ms or 0) - 1
         return
     assert request.deadline_ms is not None
-    assert result.predicted_ms + queue <= request.deadline_ms
-    assert result.predicted_ms + queue + safety_margin_ms(request.deadline_ms, policy) \
-        <= request.deadline_ms * (1 + 1e-12)
     chosen = next(c for c in candidates if c.variant_id == result.variant_id)
+    wait = queue if chosen.wait_ms is None else chosen.wait_ms
+    assert result.queue_wait_ms == wait
+    assert result.predicted_ms + wait <= request.deadline_ms
+    assert result.predicted_ms + wait + safety_margin_ms(request.deadline_ms, policy) \
+        <= request.deadline_ms * (1 + 1e-9)
     assert chosen.available
     assert request.pinned in (None, chosen.variant_id)
     cap = min(request.requested_max_tokens or policy.routing.default_max_tokens,
               chosen.n_ctx - request.prompt_tokens)
     assert min(policy.routing.min_useful_tokens, cap) <= result.max_tokens <= cap
-    assert result.predicted_ms == predict_ms(chosen.profile, request.prompt_tokens,
-                                             result.max_tokens)
+    assert result.predicted_ms == chosen.load_ms + predict_ms(chosen.profile, request.prompt_tokens,
+                                                              result.max_tokens)
 
 
 # Most random requests are served, so many examples are filtered out; Hypothesis still fails
