@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from edgeserve.config import (
     ServerSettings,
@@ -18,6 +19,10 @@ from edgeserve.config import (
 )
 from edgeserve.errors import EdgeserveError
 from edgeserve.routing.policy_file import PolicyFile
+
+if TYPE_CHECKING:
+    from edgeserve.runtime.loader import ResidencyManager
+    from edgeserve.runtime.registry import ModelRegistry
 
 
 def _env_int(name: str, default: int) -> int:
@@ -63,8 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--memory-check", choices=["warn", "refuse", "off"],
                        default=os.environ.get("EDGESERVE_MEMORY_CHECK", "warn"),
                        help="when the variants do not fit in available RAM (env EDGESERVE_MEMORY_CHECK)")
+    serve.add_argument("--memory-budget", default=os.environ.get("EDGESERVE_MEMORY_BUDGET"),
+                       help="memory for resident variants, e.g. 600MiB, 1.5GiB or bytes; variants that do not "
+                            "all fit are loaded on demand, least recently used evicted (env "
+                            "EDGESERVE_MEMORY_BUDGET; default: available RAM minus a margin)")
+    serve.add_argument("--min-residency-s", type=float,
+                       default=float(os.environ.get("EDGESERVE_MIN_RESIDENCY_S", "5")),
+                       help="a loaded variant is not evicted for this long, so alternating requests do not "
+                            "thrash (env EDGESERVE_MIN_RESIDENCY_S; default 5)")
     serve.add_argument("--max-queue", type=int, default=_env_int("EDGESERVE_MAX_QUEUE", 64),
                        help="requests waiting for a slot before new ones get 429 (env EDGESERVE_MAX_QUEUE)")
+    # -- bad input and authentication (issue 8) --
+    serve.add_argument("--max-body-bytes", type=int, default=_env_int("EDGESERVE_MAX_BODY_BYTES", 1024 * 1024),
+                       help="larger request bodies get 413 (env EDGESERVE_MAX_BODY_BYTES; default 1 MiB)")
+    serve.add_argument("--api-key", action="append", default=[],
+                       help="accept this key as 'Authorization: Bearer KEY'; repeatable (env EDGESERVE_API_KEYS, "
+                            "comma-separated); without any key the server is open")
+    serve.add_argument("--api-key-file", type=Path, default=os.environ.get("EDGESERVE_API_KEY_FILE"),
+                       help="a file of keys, one per line, # comments (env EDGESERVE_API_KEY_FILE)")
+    serve.add_argument("--metrics-public", action="store_true",
+                       default=os.environ.get("EDGESERVE_METRICS_PUBLIC", "").lower() in ("1", "true", "yes"),
+                       help="serve /metrics without a key (env EDGESERVE_METRICS_PUBLIC=1); /health and /ready "
+                            "are always open")
 
     calibrate = commands.add_parser("calibrate", help="measure every variant's costs on this board")
     _add_common(calibrate)
@@ -210,6 +235,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit("edgeserve: --default-deadline-ms must be from 1 to 3600000")
     configure_logging(settings.log_format)
     log = get_logger("edgeserve")
+    api_keys = _api_keys(args, settings.host, log)
     models = load_models_file(settings.models_path)
     policy, policy_source = _load_policy(args.policy, settings.models_path)
     prepared = prepare_models(models, settings.models_path.resolve().parent, settings.cache_dir,
@@ -224,14 +250,55 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("no_quality_curves", policy=policy_source, variants=missing,
                     detail="these variants are ranked as accuracy 0: the router picks them only when "
                            "nothing better fits; run the GSM8K sweep to write their curves")
-    engine = Engine(ModelRegistry(models, prepared), Scheduler(settings.slots, args.max_queue), policy)
+    registry = ModelRegistry(models, prepared)
+    engine = Engine(registry, Scheduler(settings.slots, args.max_queue), policy,
+                    residency=_residency(args, registry, log))
     notifier = Notifier()
     app = create_app(engine, cache_dir=settings.cache_dir, default_deadline_ms=args.default_deadline_ms,
-                     notifier=notifier)
+                     notifier=notifier, max_body_bytes=args.max_body_bytes, api_keys=api_keys,
+                     metrics_public=args.metrics_public)
     log.info("serving", host=settings.host, port=settings.port, slots=settings.slots, policy=policy_source,
              variants=list(prepared), grace_s=args.grace_s)
     serve(engine, app, settings.host, settings.port, notifier, args.grace_s)
     return 0
+
+
+def _residency(args: argparse.Namespace, registry: ModelRegistry, log: Any) -> ResidencyManager:
+    """The memory budget of the local variants (issue 7) from --memory-budget/--min-residency-s."""
+    from edgeserve.runtime.loader import ResidencyManager
+    from edgeserve.runtime.memory import default_budget, format_bytes, parse_size
+
+    if args.min_residency_s < 0:
+        raise SystemExit("edgeserve: --min-residency-s must not be negative")
+    try:
+        budget = parse_size(args.memory_budget) if args.memory_budget else default_budget()
+    except ValueError as exc:
+        raise SystemExit(f"edgeserve: --memory-budget {exc}") from None
+    manager = ResidencyManager(registry.runners, budget, args.min_residency_s)
+    log.info("residency", budget=format_bytes(budget) if budget is not None else "unlimited",
+             min_residency_s=args.min_residency_s,
+             detail="every variant stays loaded" if manager.fits_all else
+             "the variants do not all fit: they are loaded on demand, least recently used evicted")
+    return manager
+
+
+def _api_keys(args: argparse.Namespace, host: str, log: Any) -> tuple[str, ...]:
+    """The API keys of --api-key/EDGESERVE_API_KEYS/--api-key-file (issue 8), and the warning
+    when the server is reachable from other machines without one."""
+    from edgeserve.http.auth import ApiKeyError, load_api_keys, open_bind_warning
+
+    if args.max_body_bytes < 1:
+        raise SystemExit("edgeserve: --max-body-bytes must be at least 1")
+    try:
+        keys = load_api_keys(args.api_key, os.environ.get("EDGESERVE_API_KEYS"), args.api_key_file)
+    except ApiKeyError as exc:
+        raise SystemExit(f"edgeserve: {exc}") from None
+    if warning := open_bind_warning(host, keys):
+        log.warning("UNAUTHENTICATED_PUBLIC_BIND", detail=warning)
+    if keys:
+        log.info("auth", api_keys=len(keys),
+                 open_paths="/health, /ready" + (", /metrics" if args.metrics_public else ""))
+    return keys
 
 
 if __name__ == "__main__":

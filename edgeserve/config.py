@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 import platformdirs
@@ -20,9 +20,16 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 class VariantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """One GGUF quantization of a family: either an explicit `path` or a `quant` derived
-    from the family's source by `edgeserve models prepare`."""
+    from the family's source by `edgeserve models prepare` — or, with ``kind = "remote"``, any
+    OpenAI-compatible server at `base_url` (llama-server, vLLM, another edgeserve) serving
+    `model`, with the API key read from the environment variable `api_key_env`."""
 
     name: Name
+    kind: Literal["local", "remote"] = "local"
+    base_url: str | None = None  # remote: e.g. http://10.0.0.2:8000/v1
+    model: str | None = None  # remote: its `model` name (default: the variant's name)
+    api_key_env: str | None = None  # remote: environment variable holding the bearer key
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0  # remote: connect and read timeout
     quant: str | None = None
     path: str | None = None
     n_ctx: Annotated[int, msgspec.Meta(ge=64, le=1_048_576)] = 2048
@@ -34,6 +41,10 @@ class VariantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
     @property
     def threads(self) -> int:
         return self.n_threads or os.cpu_count() or 1
+
+    @property
+    def remote(self) -> bool:
+        return self.kind == "remote"
 
 
 class FamilyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -50,8 +61,13 @@ class FamilyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
         return next((v for v in self.variants if v.name == name), None)
 
     @property
+    def local_variants(self) -> list[VariantConfig]:
+        return [v for v in self.variants if not v.remote]
+
+    @property
     def default(self) -> VariantConfig:
-        return self.variant(self.default_variant or "") or self.variants[0]
+        """The variant a family's prompts are tokenized with: always a local one."""
+        return self.variant(self.default_variant or "") or self.local_variants[0]
 
 
 class ModelsFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -101,8 +117,20 @@ def _check_consistency(path: Path, models: ModelsFile) -> None:
             raise ConfigError(
                 f"{where}.default_variant: '{family.default_variant}' is not one of {names}"
             )
+        if not family.local_variants:
+            raise ConfigError(f"{where}.variants: a family needs at least one local variant (remote "
+                              "variants use a local one's tokenizer to count prompt tokens)")
+        if family.default_variant is not None and family.default.remote:
+            raise ConfigError(f"{where}.default_variant: '{family.default_variant}' is remote; "
+                              "the default variant must be a local GGUF")
         for j, variant in enumerate(family.variants):
             vwhere = f"{where}.variants[{j}]"
+            if variant.remote:
+                _check_remote(vwhere, variant)
+                continue
+            if variant.base_url is not None or variant.api_key_env is not None or variant.model is not None:
+                raise ConfigError(f"{vwhere}: `base_url`, `model` and `api_key_env` are for "
+                                  'kind = "remote" variants')
             if (variant.path is None) == (variant.quant is None):
                 raise ConfigError(
                     f"{vwhere}: give exactly one of `path` (a GGUF file) or `quant` "
@@ -113,6 +141,16 @@ def _check_consistency(path: Path, models: ModelsFile) -> None:
                     f"{vwhere}.quant: variant '{variant.name}' is derived (quant = "
                     f"'{variant.quant}') but family '{family.name}' has no `source`"
                 )
+
+
+def _check_remote(where: str, variant: VariantConfig) -> None:
+    if variant.path is not None or variant.quant is not None:
+        raise ConfigError(f"{where}: a remote variant has no `path` or `quant` (it runs elsewhere)")
+    if variant.base_url is None or not re.match(r"^https?://[^/\s]+", variant.base_url):
+        raise ConfigError(f"{where}.base_url: a remote variant needs `base_url`, an http(s) URL of an "
+                          f"OpenAI-compatible API such as http://10.0.0.2:8000/v1 (got {variant.base_url!r})")
+    if variant.api_key_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", variant.api_key_env):
+        raise ConfigError(f"{where}.api_key_env: {variant.api_key_env!r} is not an environment variable name")
 
 
 def resolve_path(base: Path, value: str) -> Path:

@@ -70,6 +70,10 @@ class GenerationFailedError(EdgeserveError):
     """The runtime failed while generating (not the client's fault)."""
 
 
+class RemoteUnavailableError(GenerationFailedError):
+    """A remote variant did not take the request (refused, 5xx, timeout before any token)."""
+
+
 class RefusedError(EdgeserveError):
     """The request cannot be served in time or the queue is full; the client may retry later."""
 

@@ -19,6 +19,7 @@ from types import FrameType
 import uvicorn
 from litestar import Litestar
 
+from edgeserve.http.protocol import OpenAIErrorHTTPProtocol
 from edgeserve.logging import get_logger
 from edgeserve.sdnotify import Notifier
 from edgeserve.service import Engine
@@ -79,5 +80,6 @@ class DrainingServer(uvicorn.Server):
 
 def serve(engine: Engine, app: Litestar, host: str, port: int, notifier: Notifier, grace_s: float) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            log_level="warning", timeout_graceful_shutdown=int(grace_s))
+                            log_level="warning", timeout_graceful_shutdown=int(grace_s),
+                            http=OpenAIErrorHTTPProtocol)  # its parser errors in the OpenAI format
     DrainingServer(config, engine, notifier, grace_s).run()

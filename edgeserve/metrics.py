@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edgeserve.routing.costs import predict_ms
@@ -48,7 +48,7 @@ def prediction_error(admission: Admission, result: GenerationResult, engine: Eng
     The decision predicted its whole budget; a request that stopped early (end of sequence,
     deadline) is judged on the tokens it really sampled: the prediction is rescaled by the live
     cost profile's ratio between the two, as `edgeserve bench-routing` does."""
-    profile = engine.profiles.get(admission.variant_id)
+    profile = admission.remote.profile if admission.remote is not None else engine.profiles.get(admission.variant_id)
     actual = result.prompt_ms + result.predicted_ms
     if profile is None or actual <= 0 or result.prompt_ms <= 0:
         return None
@@ -57,7 +57,8 @@ def prediction_error(admission: Admission, result: GenerationResult, engine: Eng
     if whole <= 0:
         return None
     sampled = 1 + len(result.token_ms)  # the first token comes with the prefill
-    predicted = admission.decision.predicted_ms * predict_ms(profile, prompt, sampled) / whole
+    generation_ms = admission.decision.predicted_ms - admission.load_ms  # a load is not generation time
+    predicted = generation_ms * predict_ms(profile, prompt, sampled) / whole
     return abs(predicted - actual) / actual
 
 
@@ -118,10 +119,36 @@ class _EngineState(Collector):
         prefill = GaugeMetricFamily("edgeserve_prefill_ms_per_token",
                                     "Prefill cost per prompt token of the live cost profile.",
                                     labels=["variant"])
-        for variant_id, profile in engine.profiles.items():
+        up = GaugeMetricFamily("edgeserve_remote_up",
+                               "1 when a remote variant is probed and its circuit is closed (routable).",
+                               labels=["variant"])
+        profiles = dict(engine.profiles)
+        for variant_id, remote in engine.registry.remotes.items():
+            up.add_metric([variant_id], 1.0 if remote.available else 0.0)
+            if remote.profile is not None:
+                profiles[variant_id] = remote.profile
+        for variant_id, profile in profiles.items():
             decode.add_metric([variant_id], profile.decode_ms_per_token)
             prefill.add_metric([variant_id], profile.prefill_ms_per_token)
-        yield from (loaded, resident, size, decode, prefill)
+        yield from (loaded, resident, size, decode, prefill, up)
+        yield from _residency_metrics(engine)
+
+
+def _residency_metrics(engine: Engine) -> Iterator[Metric]:
+    """The memory budget (issue 7) and how often variants were swapped in and out of it."""
+    manager = engine.residency
+    if manager is None:
+        return
+    if manager.budget_bytes is not None:
+        yield GaugeMetricFamily("edgeserve_memory_budget_bytes",
+                                "Memory for resident variants (--memory-budget).", value=manager.budget_bytes)
+    yield GaugeMetricFamily("edgeserve_memory_resident_bytes",
+                            "Estimated memory of the resident variants, counted against the budget.",
+                            value=manager.residency.used_bytes)
+    yield CounterMetricFamily("edgeserve_variant_loads", "Variants loaded on demand under the memory budget.",
+                              value=manager.loads)
+    yield CounterMetricFamily("edgeserve_variant_evictions",
+                              "Variants unloaded to make room under the memory budget.", value=manager.evictions)
 
 
 class Metrics:

@@ -24,7 +24,9 @@ from edgeserve.routing.costs import CostProfile, observe, predict_ms
 from edgeserve.routing.hints import apply_style_and_hint, hint_tokens_for
 from edgeserve.routing.policy import Decision, Refusal, RoutingRequest, VariantCandidate, choose
 from edgeserve.routing.policy_file import PolicyFile
+from edgeserve.runtime.loader import ResidencyManager
 from edgeserve.runtime.registry import ModelRegistry, Target
+from edgeserve.runtime.remote import RemoteRequest, RemoteVariant
 from edgeserve.runtime.runner import (
     AnswerForcing,
     Generation,
@@ -62,10 +64,13 @@ class Admission:
     """A request that passed every check and knows where and how long it will run."""
 
     variant_id: str
-    runner: LlamaRunner
+    runner: LlamaRunner  # the local variant that runs it, or whose tokenizer counted it for a remote
     prompt_text: str
     job: GenerationJob
     decision: Decision
+    remote: RemoteVariant | None = None  # set when a remote variant answers
+    remote_request: RemoteRequest | None = None
+    load_ms: float = 0.0  # of decision.predicted_ms, the predicted time to load the variant first
 
     @property
     def budget_tokens(self) -> int:
@@ -75,8 +80,10 @@ class Admission:
 class Engine:
     def __init__(self, registry: ModelRegistry, scheduler: Scheduler, policy: PolicyFile,
                  profiles: dict[str, CostProfile] | None = None,
-                 on_profiles_changed: Callable[[dict[str, CostProfile]], None] | None = None) -> None:
+                 on_profiles_changed: Callable[[dict[str, CostProfile]], None] | None = None,
+                 residency: ResidencyManager | None = None) -> None:
         self.registry = registry
+        self.residency = residency  # None: every variant stays loaded (no memory budget)
         self.scheduler = scheduler
         self.policy = policy
         self.profiles: dict[str, CostProfile] = dict(profiles or {})
@@ -100,7 +107,8 @@ class Engine:
         target = self.registry.resolve(request.model)
         if not self.ready:
             raise NotReadyError(self.status())
-        probe = self.registry.runner(target.variant_id(target.pinned or target.family.default))
+        local_pin = target.pinned if target.pinned is not None and not target.pinned.remote else None
+        probe = self.registry.runner(target.variant_id(local_pin or target.family.default))
         hint_on = self._hint_on(request)
         first_hint = hint_tokens_for(request.max_tokens or probe.n_ctx, self.policy) if hint_on else None
         prompt_text, tokens = await asyncio.to_thread(self._prompt, probe, request, first_hint)
@@ -118,11 +126,14 @@ class Engine:
             hint=hint_on,
             run_limit_ms=self.scheduler.slack_ms(deadline_at),
         )
-        decision = choose(routing, self._candidates(target), self.policy,
-                          self.scheduler.wait_estimate_ms(deadline_at))
+        candidates = self._candidates(target)
+        decision = choose(routing, candidates, self.policy, self.scheduler.wait_estimate_ms(deadline_at))
         param = "messages" if request.messages is not None else "prompt"
         if isinstance(decision, Refusal):
             raise self._refusal_error(decision, len(tokens), probe, param)
+        remote = self.registry.remotes.get(decision.variant_id)
+        if remote is not None:
+            return await self._admit_remote(request, remote, probe, decision, deadline_at, param)
         runner = self.registry.runner(decision.variant_id)
         if runner is not probe or decision.hint_tokens != first_hint:
             prompt_text, tokens = await asyncio.to_thread(self._prompt, runner, request, decision.hint_tokens)
@@ -131,7 +142,24 @@ class Engine:
         job = GenerationJob(tokens, max_tokens, request.sampling, request.stop, deadline_at=deadline_at,
                             forcing=self._forcing(runner, request))
         self.in_flight += 1
-        return Admission(decision.variant_id, runner, prompt_text, job, decision)
+        load_ms = next(c.load_ms for c in candidates if c.variant_id == decision.variant_id)
+        return Admission(decision.variant_id, runner, prompt_text, job, decision, load_ms=load_ms)
+
+    async def _admit_remote(self, request: InferenceRequest, remote: RemoteVariant, probe: LlamaRunner,
+                            decision: Decision, deadline_at: float | None, param: str) -> Admission:
+        """The remote shapes its own prompt: it gets the styled (and hinted) messages, and the
+        local tokenizer only counts them. Answer forcing needs token-level control: not remote."""
+        messages = None
+        if request.messages is not None:
+            messages = apply_style_and_hint(request.messages, request.style, decision.hint_tokens, self.policy)
+        prompt_text, tokens = await asyncio.to_thread(self._prompt, probe, request, decision.hint_tokens)
+        if len(tokens) >= remote.n_ctx:
+            raise ContextLengthExceededError(len(tokens), remote.n_ctx, remote.variant_id, param)
+        max_tokens = min(decision.max_tokens, remote.n_ctx - len(tokens))
+        job = GenerationJob(tokens, max_tokens, request.sampling, request.stop, deadline_at=deadline_at)
+        self.in_flight += 1
+        return Admission(decision.variant_id, probe, prompt_text, job, decision, remote,
+                         RemoteRequest(messages, request.prompt, len(tokens)))
 
     def finished(self) -> None:
         """The response of an admitted request is complete (or abandoned): a graceful stop waits
@@ -158,12 +186,34 @@ class Engine:
         candidates = []
         for variant in target.family.variants:
             variant_id = target.variant_id(variant)
+            remote = self.registry.remotes.get(variant_id)
+            if remote is not None:
+                candidates.append(VariantCandidate(
+                    variant_id=variant_id, name=variant.name, n_ctx=remote.n_ctx,
+                    profile=remote.profile or CostProfile(variant_id=variant_id, prefill_ms_per_token=0.0,
+                                                          decode_ms_per_token=0.0),
+                    available=remote.available, unavailable_reason=remote.unavailable_reason(),
+                    wait_ms=0.0,  # it does not wait for a local CPU slot
+                ))
+                continue
             runner = self.registry.runners[variant_id]
+            available, load_ms, why = self._residency_of(runner)
             candidates.append(VariantCandidate(
                 variant_id=variant_id, name=variant.name, profile=self.profiles[variant_id],
-                n_ctx=runner.n_ctx, available=runner.loaded,
+                n_ctx=runner.n_ctx, available=available, load_ms=load_ms, unavailable_reason=why,
             ))
         return candidates
+
+    def _residency_of(self, runner: LlamaRunner) -> tuple[bool, float, str | None]:
+        """Under a memory budget (issue 7): can it be made resident now, and at what cost in ms
+        (waiting out a victim's minimum residency, unloading it, loading this one)?"""
+        if self.residency is None:
+            return runner.loaded, 0.0, None
+        profile = self.profiles.get(runner.variant_id)
+        load_ms = self.residency.load_estimate_ms(runner.variant_id, profile.load_ms if profile else None)
+        if load_ms is None:
+            return False, 0.0, self.residency.unavailable_reason(runner.variant_id)
+        return True, load_ms, None
 
     def _prompt(self, runner: LlamaRunner, request: InferenceRequest,
                 hint_tokens: int | None) -> tuple[str, list[int]]:
@@ -185,9 +235,17 @@ class Engine:
 
     async def start(self, admission: Admission) -> tuple[Generation, float]:
         """Wait for a CPU slot and start generating; returns the generation and queue ms.
-        Raises RefusedError when the deadline can no longer fit the shortest useful answer."""
+        Raises RefusedError when the deadline can no longer fit the shortest useful answer, and
+        RemoteUnavailableError when a remote variant does not take the request."""
+        if admission.remote is not None:
+            assert admission.remote_request is not None
+            remote_generation = await admission.remote.start(admission.remote_request, admission.job)
+            self._generations.add(remote_generation)
+            return remote_generation, 0.0
+        residency, runner = self.residency, admission.runner
         generation, queue_ms = await self.scheduler.start(
-            admission.runner, admission.job, admission.decision.predicted_ms, self._min_run_ms(admission))
+            runner, admission.job, admission.decision.predicted_ms, self._min_run_ms(admission),
+            prepare=None if residency is None else lambda: residency.ensure(runner))
         self._generations.add(generation)
         return generation, queue_ms
 
@@ -208,11 +266,16 @@ class Engine:
         if profile is None:
             return 0.0
         tokens = min(self.policy.routing.min_useful_tokens, admission.job.max_tokens)
-        return predict_ms(profile, len(admission.job.prompt_tokens), tokens)
+        return admission.load_ms + predict_ms(profile, len(admission.job.prompt_tokens), tokens)
 
     def record(self, admission: Admission, result: GenerationResult) -> None:
         """Fold a finished request into its variant's cost profile, so throttling or a busy CPU
         shows up in the next decision."""
+        if admission.remote is not None:
+            if admission.remote.profile is not None and result.finish != "cancelled" and result.predicted_n:
+                admission.remote.profile = observe(admission.remote.profile, result.prompt_evaluated,
+                                                   result.prompt_ms, len(result.token_ms), sum(result.token_ms))
+            return
         profile = self.profiles.get(admission.variant_id)
         if profile is None or result.finish == "cancelled":
             return

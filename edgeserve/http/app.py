@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +20,8 @@ from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from edgeserve.errors import EdgeserveError, GenerationFailedError
+from edgeserve.errors import EdgeserveError, GenerationFailedError, RemoteUnavailableError
+from edgeserve.http.auth import api_key_guard
 from edgeserve.http.errors import (
     error_frame,
     handle_domain_error,
@@ -40,7 +41,8 @@ from edgeserve.http.responses import DONE, ChunkEncoder, CompletionContext, full
 from edgeserve.http.schemas import ModelCard, ModelList
 from edgeserve.logging import get_logger
 from edgeserve.metrics import NO_VARIANT, Metrics, Outcome, outcome_of
-from edgeserve.runtime.calibrate import CalibrationPlan, ensure_profiles, store_profiles
+from edgeserve.runtime.calibrate import CalibrationPlan, store_profiles
+from edgeserve.runtime.loader import load_and_cost
 from edgeserve.runtime.runner import Generation, GenerationResult, LlamaRunner
 from edgeserve.sdnotify import Notifier
 from edgeserve.service import Admission, Engine, InferenceRequest
@@ -107,25 +109,47 @@ async def _complete(
     request_id = _request_id(request)
     engine, metrics, client = _engine(request), _metrics(request), _client(request)
     try:
-        admission = await engine.admit(domain)
+        admission, started = await _admit(engine, domain, request_id)
     except EdgeserveError as exc:
         _log_turned_away(metrics, request_id, domain, None, exc, client)
         raise
     ctx = CompletionContext(request_id, kind, admission, domain.arrived, domain.deadline_ms)
     if stream:
-        return Stream(_stream(engine, metrics, ctx, include_usage, client),
+        return Stream(_stream(engine, metrics, ctx, include_usage, client, started),
                       media_type="text/event-stream",
                       headers={**ctx.headers(), "Cache-Control": "no-cache"})
     try:
-        return await _respond(engine, metrics, ctx, client)
+        return await _respond(engine, metrics, ctx, client, started)
     finally:
         engine.finished()
 
 
-async def _respond(engine: Engine, metrics: Metrics, ctx: CompletionContext, client: str) -> Response[bytes]:
+async def _admit(engine: Engine, domain: InferenceRequest, request_id: str
+                 ) -> tuple[Admission, tuple[Generation, float] | None]:
+    """Admit the request. A remote variant is started here, before any byte of the response:
+    if it does not take the request, its circuit opens and the request is routed again (to a
+    local variant, or another remote), so a remote that went down costs a retry, not an error."""
+    attempts = 1 + len(engine.registry.remotes)
+    for attempt in range(attempts):
+        admission = await engine.admit(domain)
+        if admission.remote is None:
+            return admission, None
+        try:
+            return admission, await engine.start(admission)
+        except RemoteUnavailableError as exc:
+            engine.finished()
+            if attempt == attempts - 1:
+                raise
+            log.warning("remote_fallback", request_id=request_id, variant=admission.variant_id,
+                        error=exc.message, detail="routing the request again without it")
+    raise AssertionError("unreachable")
+
+
+async def _respond(engine: Engine, metrics: Metrics, ctx: CompletionContext, client: str,
+                   started: tuple[Generation, float] | None) -> Response[bytes]:
     admission = ctx.admission
     try:
-        generation, ctx.queue_ms = await engine.start(admission)
+        generation, ctx.queue_ms = started or await engine.start(admission)
     except EdgeserveError as exc:  # the queue is full, or the deadline expired while queued
         _log_turned_away(metrics, ctx.request_id, None, admission, exc, client)
         raise
@@ -144,23 +168,24 @@ async def _respond(engine: Engine, metrics: Metrics, ctx: CompletionContext, cli
 
 
 async def _stream(engine: Engine, metrics: Metrics, ctx: CompletionContext, include_usage: bool,
-                  client: str) -> AsyncIterator[bytes]:
+                  client: str, started: tuple[Generation, float] | None) -> AsyncIterator[bytes]:
     try:
-        async for frame in _frames(engine, metrics, ctx, include_usage, client):
+        async for frame in _frames(engine, metrics, ctx, include_usage, client, started):
             yield frame
     finally:
         engine.finished()
 
 
 async def _frames(engine: Engine, metrics: Metrics, ctx: CompletionContext, include_usage: bool,
-                  client: str) -> AsyncIterator[bytes]:
-    """Waits for its slot inside the stream, so a client leaving while queued is noticed too."""
+                  client: str, started: tuple[Generation, float] | None) -> AsyncIterator[bytes]:
+    """Waits for its slot inside the stream, so a client leaving while queued is noticed too
+    (a remote variant's generation is started already: see `_admit`)."""
     chunks = ChunkEncoder(ctx)
     first = chunks.first()
     if first is not None:
         yield first
     try:
-        generation, ctx.queue_ms = await engine.start(ctx.admission)
+        generation, ctx.queue_ms = started or await engine.start(ctx.admission)
     except asyncio.CancelledError:  # the client left while waiting for a slot
         _log_outcome(metrics, ctx, None, client)
         raise
@@ -276,6 +301,15 @@ async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
             variants=[f"{family.name}:{v.name}" for v in family.variants],
         ))
         for variant in family.variants:
+            remote = registry.remotes.get(f"{family.name}:{variant.name}")
+            if remote is not None:
+                cards.append(ModelCard(
+                    id=remote.variant_id, created=started, owned_by="edgeserve", kind="remote",
+                    family=family.name, n_ctx=variant.n_ctx, loaded=remote.available,
+                    base_url=remote.base_url, remote_model=remote.model,
+                    status=None if remote.available else remote.unavailable_reason(),
+                ))
+                continue
             runner = registry.runners[f"{family.name}:{variant.name}"]
             cards.append(ModelCard(
                 id=runner.variant_id, created=started, owned_by="edgeserve", kind="variant",
@@ -307,8 +341,12 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
 
 
 def create_app(engine: Engine, *, cache_dir: Path, default_deadline_ms: int | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, notifier: Notifier | None = None) -> Litestar:
-    """Models load (and, where no profile matches, calibrate) in the background after start-up,
+               max_body_bytes: int = MAX_BODY_BYTES, notifier: Notifier | None = None,
+               api_keys: Sequence[str] = (), metrics_public: bool = False) -> Litestar:
+    """With `api_keys`, every route but /health and /ready (and /metrics if `metrics_public`)
+    needs `Authorization: Bearer KEY` (see edgeserve.http.auth).
+
+    Models load (and, where no profile matches, calibrate) in the background after start-up,
     so /health answers at once and /ready says 503 until every variant is loaded and costed.
     Under systemd (Type=notify) the progress goes to STATUS=, then READY=1, and the event loop
     pings the watchdog."""
@@ -327,10 +365,12 @@ def create_app(engine: Engine, *, cache_dir: Path, default_deadline_ms: int | No
         async def load() -> None:
             try:
                 notify.status(f"loading {len(engine.registry.runners)} variants")
-                await engine.registry.load_all(loaded)
-                engine.profiles = await ensure_profiles(
-                    list(engine.registry.runners.values()), cache_dir, CalibrationPlan.quick(), calibrating
-                )
+                profiles = await load_and_cost(engine.registry, engine.residency, cache_dir,
+                                               CalibrationPlan.quick(), loaded, calibrating)
+                for remote in remotes.values():  # one that is down now is re-checked in the background
+                    notify.status(f"probing remote {remote.variant_id}")
+                    await remote.probe()
+                engine.profiles = profiles  # ready from here on
                 log.info("ready", detail=engine.status())
                 notify.ready(f"serving {', '.join(engine.registry.runners)}")
             except EdgeserveError as exc:
@@ -338,13 +378,19 @@ def create_app(engine: Engine, *, cache_dir: Path, default_deadline_ms: int | No
                 log.error("load_failed", error=exc.message)
                 notify.status(f"failed: {exc.message}")
 
+        remotes = engine.registry.open_remotes()
         task = asyncio.create_task(load())
         watchdog = asyncio.create_task(notify.watchdog())
+        watchers = [asyncio.create_task(remote.watch()) for remote in remotes.values()]
         try:
             yield
         finally:
             task.cancel()
             watchdog.cancel()
+            for watcher in watchers:
+                watcher.cancel()
+            for remote in remotes.values():
+                await remote.aclose()
             if engine.ready:
                 store_profiles(engine.profiles, cache_dir)
             engine.registry.close()
@@ -359,6 +405,7 @@ def create_app(engine: Engine, *, cache_dir: Path, default_deadline_ms: int | No
         },
         openapi_config=OpenAPIConfig(title="edgeserve", version="0.1.0", path="/schema"),
         request_max_body_size=max_body_bytes,
+        guards=[api_key_guard(api_keys, metrics_public=metrics_public)] if api_keys else None,
         debug=False,
     )
     add_request_schemas(app.openapi_schema)
@@ -367,4 +414,5 @@ def create_app(engine: Engine, *, cache_dir: Path, default_deadline_ms: int | No
     app.state.started_at = int(time.time())
     app.state.load_error = None
     app.state.default_deadline_ms = default_deadline_ms
+    app.state.max_body_bytes = max_body_bytes  # named in the 413
     return app

@@ -15,6 +15,7 @@ from edgeserve.errors import (
     ModelNotFoundError,
     NotReadyError,
     RefusedError,
+    RemoteUnavailableError,
     ShuttingDownError,
 )
 from edgeserve.http.schemas import ErrorBody, ErrorResponse
@@ -32,6 +33,7 @@ ERROR_TYPES = {
     415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    502: "server_error",
     503: "server_error",
 }
 
@@ -58,6 +60,8 @@ def status_of(error: EdgeserveError) -> int:
         return 503
     if isinstance(error, RefusedError):
         return 429
+    if isinstance(error, RemoteUnavailableError):
+        return 502  # an upstream failed; every local variant was worse or busy
     return 500
 
 
@@ -92,8 +96,11 @@ def handle_http_exception(request: Request[Any, Any, Any], error: HTTPException)
     elif status == 405:
         message = f"Method {request.method} is not allowed on {request.url.path}."
     elif status == 413:
-        message = f"The request body is too large: {error.detail}."
-    return error_response(status, message, code=None, headers=getattr(error, "headers", None))
+        limit = request.app.state.get("max_body_bytes")
+        message = (f"The request body is too large: over this server's limit of {limit:,} bytes (--max-body-bytes)."
+                   if isinstance(limit, int) else f"The request body is too large: {error.detail}.")
+    code = "invalid_api_key" if status == 401 else None  # raised by the API key guard only
+    return error_response(status, message, code=code, headers=getattr(error, "headers", None))
 
 
 def handle_unexpected(request: Request[Any, Any, Any], error: Exception) -> Response[bytes]:

@@ -187,7 +187,10 @@ class ModelCard(msgspec.Struct, omit_defaults=True, tag_field="object", tag="mod
     quant: str | None = None
     path: str | None = None
     n_ctx: int | None = None
-    loaded: bool | None = None
+    loaded: bool | None = None  # a remote: probed and its circuit closed
+    base_url: str | None = None  # a remote variant's API
+    remote_model: str | None = None  # the `model` it is asked for
+    status: str | None = None  # why a remote is not routable now
 
 
 class ModelList(msgspec.Struct):

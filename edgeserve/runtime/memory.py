@@ -27,8 +27,10 @@ class MemoryCheck:
             return f"the variants need about {self.needed_bytes / gib:.2f} GiB; available memory is unknown"
         verdict = "fit in" if self.fits else "do NOT fit in"
         advice = "" if self.fits else (
-            ": llama.cpp would read weights from storage at every token, many times slower. "
-            "Serve fewer or smaller variants, or pass --memory-check warn to start anyway")
+            ": they are loaded on demand within --memory-budget (least recently used evicted; a "
+            "request that needs a swap waits for the load, and its prediction says so). Serve fewer "
+            "or smaller variants to keep them all resident; --memory-check refuse makes this an error, "
+            "--memory-check warn (or off) starts anyway")
         return (f"the variants need about {self.needed_bytes / gib:.2f} GiB and {verdict} the "
                 f"{self.available_bytes / gib:.2f} GiB available{advice}")
 
@@ -52,3 +54,45 @@ def check_memory(model_files: list[Path], meminfo: Path = Path("/proc/meminfo"))
     except OSError:
         available = None
     return MemoryCheck(needed_bytes(model_files), available)
+
+
+# ---- the memory budget of on-demand residency (issue 7) ---------------------------------------
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30, "t": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `600MiB`, `1.5GiB`, `800MB` or a plain byte count. KB/MB/GB are decimal,
+    KiB/MiB/GiB (and bare K/M/G) binary, as in `ls -h` vs the SI prefixes."""
+    value = text.strip().replace("_", "")
+    number = value.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ")
+    unit = value[len(number):].strip().lower()
+    if unit not in _UNITS:
+        raise ValueError(f"{text!r}: unknown unit {unit!r}; use bytes, KiB, MiB, GiB (or KB, MB, GB)")
+    try:
+        amount = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size such as 600MiB, 1.5GiB or 123456789") from None
+    if not amount > 0 or amount == float("inf"):
+        raise ValueError(f"{text!r}: a memory budget must be a positive size")
+    return int(amount * _UNITS[unit])
+
+
+def resident_bytes(model_file: Path) -> int:
+    """What one loaded variant takes from the budget: its weights and their share of KV cache and
+    compute buffers (the per-process overhead is the budget's margin, not a variant's)."""
+    return int(model_file.stat().st_size * (1 + OVERHEAD_RATIO))
+
+
+def default_budget(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Available RAM at start-up minus the server's own overhead; None when unknown (no limit)."""
+    try:
+        available = available_from_meminfo(meminfo.read_text())
+    except OSError:
+        return None
+    return None if available is None else max(0, available - OVERHEAD_BYTES)
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"

@@ -171,7 +171,7 @@ def prepare_family(family: FamilyConfig, base_dir: Path, cache_dir: Path, log: L
                 f"expected {family.source_sha256}: the file is corrupt or not the one configured"
             )
         derived = derive(source, source_sha256, derived_quants, out_dir, family.source_quant, log)
-    for variant in family.variants:
+    for variant in family.local_variants:  # remote variants have nothing to prepare
         variant_id = f"{family.name}:{variant.name}"
         if variant.path is not None:
             path = resolve_path(base_dir, variant.path)

@@ -182,6 +182,13 @@ class LlamaRunner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"runner-{variant_id}")
         self._llm: Any = None
         self._formatter: Any = None
+        # Residency (issue 7): after `unload`, a vocabulary-only Llama (no weights, a few MB)
+        # keeps tokenize() working, so admission can count and shape prompts of a variant that
+        # is not resident. The lock keeps a tokenize() in another thread off a model being freed.
+        self._vocab: Any = None
+        self._swap_lock = threading.Lock()
+        self._active = 0  # generations submitted and not finished: such a variant is not evicted
+        self.unload_ms: float | None = None
 
     @property
     def n_ctx(self) -> int:
@@ -194,10 +201,40 @@ class LlamaRunner:
     async def load(self) -> None:
         await asyncio.wrap_future(self._executor.submit(self._load))
 
+    @property
+    def usable(self) -> bool:
+        """Loaded, or unloaded after a first load: its prompts can be tokenized either way."""
+        return self.loaded or self._vocab is not None
+
+    @property
+    def generating(self) -> bool:
+        return self._active > 0
+
+    async def unload(self) -> None:
+        """Free the weights but stay usable: a later `load()` brings them back (unlike `close`).
+        Runs on the variant's thread, so it never overlaps a generation of this variant."""
+        await asyncio.wrap_future(self._executor.submit(self._unload))
+
+    def _unload(self) -> None:
+        from llama_cpp import Llama
+
+        if self._llm is None:
+            return
+        started = time.perf_counter()
+        if self._vocab is None:
+            self._vocab = Llama(model_path=str(self.path), vocab_only=True, n_ctx=64, verbose=False)
+        with self._swap_lock:
+            llm, self._llm = self._llm, None
+            self.loaded = False
+        llm.close()
+        self.unload_ms = (time.perf_counter() - started) * 1000
+
     def _load(self) -> None:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        if self._llm is not None:
+            return
         started = time.perf_counter()
         try:
             llm = Llama(
@@ -223,9 +260,10 @@ class LlamaRunner:
             eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
             bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
         )
-        self._llm = llm
-        self.load_ms = (time.perf_counter() - started) * 1000
-        self.loaded = True
+        with self._swap_lock:
+            self._llm = llm
+            self.load_ms = (time.perf_counter() - started) * 1000
+            self.loaded = True
 
     # ---- prompts ---------------------------------------------------------------------------
 
@@ -242,7 +280,13 @@ class LlamaRunner:
 
     def tokenize(self, text: str, *, chat: bool) -> list[int]:
         """Chat prompts carry their own special tokens; raw completions get a BOS like llama.cpp."""
-        tokens: list[int] = self._llm.tokenize(text.encode("utf-8"), add_bos=not chat, special=chat)
+        with self._swap_lock:
+            model = self._llm if self._llm is not None else self._vocab
+            if model is None:
+                from edgeserve.errors import NotReadyError
+
+                raise NotReadyError(f"{self.variant_id} is not loaded yet")
+            tokens: list[int] = model.tokenize(text.encode("utf-8"), add_bos=not chat, special=chat)
         return tokens
 
     def check_fits(self, prompt_n: int, param: str = "messages") -> None:
@@ -254,21 +298,34 @@ class LlamaRunner:
     def submit(self, job: GenerationJob, on_done: Callable[[], object] | None = None) -> Generation:
         """Queue a job on this variant's thread; `on_done` runs (in that thread) when it ends."""
         generation = Generation(asyncio.get_running_loop())
-        future = self._executor.submit(self._generate, job, generation)
+        with self._swap_lock:
+            self._active += 1
+        try:
+            future = self._executor.submit(self._generate, job, generation)
+        except BaseException:
+            with self._swap_lock:
+                self._active -= 1
+            raise
         if on_done is not None:
             future.add_done_callback(lambda _: on_done())
         return generation
 
     def _generate(self, job: GenerationJob, generation: Generation) -> None:
+        outcome: GenerationResult | BaseException
         try:
-            generation._emit_end(self._token_loop(job, generation))
+            outcome = self._token_loop(job, generation)
         except BaseException as exc:
-            generation._emit_end(exc)
+            outcome = exc
+        with self._swap_lock:  # before the end is reported: whoever sees it sees us idle
+            self._active -= 1
+        generation._emit_end(outcome)
 
     def _token_loop(self, job: GenerationJob, generation: Generation) -> GenerationResult:
         import llama_cpp
 
         llm, s = self._llm, job.sampling
+        if llm is None:  # evicted: the residency manager loads a variant before starting it
+            raise GenerationFailedError(f"{self.variant_id} is not loaded")
         llm.set_seed(s.seed if s.seed is not None else random.getrandbits(32))
         max_tokens = min(job.max_tokens, self.n_ctx - len(job.prompt_tokens))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -370,3 +427,6 @@ class LlamaRunner:
             self._llm.close()
             self._llm = None
             self.loaded = False
+        if self._vocab is not None:
+            self._vocab.close()
+            self._vocab = None

@@ -19,6 +19,7 @@ import heapq
 import itertools
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from edgeserve.errors import RefusedError
@@ -86,11 +87,15 @@ class Scheduler:
         return slack
 
     async def start(self, runner: LlamaRunner, job: GenerationJob, predicted_ms: float = 0.0,
-                    min_run_ms: float = 0.0) -> tuple[Generation, float]:
+                    min_run_ms: float = 0.0,
+                    prepare: Callable[[], Awaitable[None]] | None = None) -> tuple[Generation, float]:
         """Wait for a slot (earliest deadline first), then start the job on its runner.
         Returns the generation and the milliseconds spent waiting. ``min_run_ms`` is the job's
         shortest useful run (prefill and a few tokens): if its deadline cannot fit that by the
-        time its turn comes, it is refused with 429 rather than started to miss."""
+        time its turn comes, it is refused with 429 rather than started to miss. ``prepare``
+        runs inside the slot before the job (loading a variant that is not resident), so the
+        load competes for the CPU like a generation and `predicted_ms` (which includes it)
+        keeps the wait estimates of later requests honest."""
         queued = time.perf_counter()
         seq = next(self._seq)
         if self._free > 0 and not self._waiting:
@@ -116,6 +121,8 @@ class Scheduler:
         self._running[seq] = (time.perf_counter(), predicted_ms)
         loop = asyncio.get_running_loop()
         try:
+            if prepare is not None:
+                await prepare()
             generation = runner.submit(job, on_done=lambda: loop.call_soon_threadsafe(self._release, seq))
         except BaseException:
             self._release(seq)

@@ -183,3 +183,38 @@ def test_resolve_path_is_relative_to_base(tmp_path: Path) -> None:
     assert resolve_path(tmp_path, "models/a.gguf") == (tmp_path / "models" / "a.gguf").resolve()
     assert resolve_path(tmp_path, "/abs/a.gguf") == Path("/abs/a.gguf")
     assert resolve_path(tmp_path, "~/a.gguf") == Path.home() / "a.gguf"
+
+
+REMOTE = """
+[[families.variants]]
+name = "cloud"
+kind = "remote"
+base_url = "http://10.0.0.2:8000/v1"
+model = "llama-3.1-8b"
+api_key_env = "CLOUD_KEY"
+timeout_s = 30
+"""
+
+
+def test_a_remote_variant_needs_no_file_and_is_not_prepared(tmp_path: Path) -> None:
+    models = load_text(tmp_path, FAMILY + VARIANT + REMOTE)
+    family = models.families[0]
+    cloud = family.variant("cloud")
+    assert cloud is not None and cloud.remote and cloud.model == "llama-3.1-8b" and cloud.timeout_s == 30
+    assert [v.name for v in family.local_variants] == ["small"]
+    assert family.default.name == "small"
+
+
+@pytest.mark.parametrize("text,message", [
+    (FAMILY + REMOTE, "needs at least one local variant"),
+    (FAMILY + VARIANT + REMOTE.replace('base_url = "http://10.0.0.2:8000/v1"\n', ""), "needs `base_url`"),
+    (FAMILY + VARIANT + REMOTE.replace("http://10.0.0.2:8000/v1", "10.0.0.2:8000"), "needs `base_url`"),
+    (FAMILY + VARIANT + REMOTE + 'quant = "Q8_0"\n', "has no `path` or `quant`"),
+    (FAMILY + VARIANT + REMOTE.replace("CLOUD_KEY", "CLOUD-KEY"), "not an environment variable name"),
+    (FAMILY + VARIANT.replace('quant = "Q2_K"', 'quant = "Q2_K"\nbase_url = "http://x"'), "are for kind"),
+    (FAMILY.replace('source_quant = "Q4_1"', 'source_quant = "Q4_1"\ndefault_variant = "cloud"')
+     + VARIANT + REMOTE, "is remote"),
+])
+def test_bad_remote_variants_are_explained(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_text(tmp_path, text)

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeserve.runtime.memory import OVERHEAD_BYTES, MemoryCheck, available_from_meminfo, check_memory
+import pytest
+
+from edgeserve.runtime.memory import (
+    OVERHEAD_BYTES,
+    OVERHEAD_RATIO,
+    MemoryCheck,
+    available_from_meminfo,
+    check_memory,
+    default_budget,
+    parse_size,
+    resident_bytes,
+)
 
 MEMINFO = "MemTotal:        2000000 kB\nMemFree:          100000 kB\nMemAvailable:    1500000 kB\n"
 
@@ -36,3 +47,30 @@ def test_unknown_available_memory_is_not_a_failure(tmp_path: Path) -> None:
     model.write_bytes(b"\0")
     check = check_memory([model], tmp_path / "no-meminfo")
     assert check.available_bytes is None and check.fits
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("600MiB", 600 * 2**20), ("1.5GiB", int(1.5 * 2**30)), ("800MB", 800 * 10**6), ("123456", 123456),
+    ("2G", 2 * 2**30), (" 64 kib ", 64 * 1024), ("1_000_000", 1_000_000),
+])
+def test_memory_budget_sizes(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "MiB", "12 parsecs", "-5MiB", "0", "1.2.3GiB"])
+def test_bad_memory_budget_sizes_say_what_is_expected(text: str) -> None:
+    with pytest.raises(ValueError, match=r"size|unit|positive"):
+        parse_size(text)
+
+
+def test_a_variant_takes_its_weights_and_their_buffers_from_the_budget(tmp_path: Path) -> None:
+    model = tmp_path / "a.gguf"
+    model.write_bytes(b"\0" * 1000)
+    assert resident_bytes(model) == int(1000 * (1 + OVERHEAD_RATIO))
+
+
+def test_the_default_budget_is_available_memory_minus_the_margin(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    assert default_budget(meminfo) == 1_500_000 * 1024 - OVERHEAD_BYTES
+    assert default_budget(tmp_path / "missing") is None

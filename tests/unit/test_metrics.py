@@ -39,9 +39,10 @@ def engine(tmp_path: Path, profiles: dict[str, CostProfile] | None = None) -> An
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"x" * 1000)
     runner = SimpleNamespace(path=gguf, loaded=True, file_bytes=1000, variant_id=VARIANT)
-    return SimpleNamespace(registry=SimpleNamespace(runners={VARIANT: runner}),
+    return SimpleNamespace(registry=SimpleNamespace(runners={VARIANT: runner}, remotes={}),
                            scheduler=SimpleNamespace(queue_depth=3, running=1),
-                           profiles={VARIANT: PROFILE} if profiles is None else profiles)
+                           profiles={VARIANT: PROFILE} if profiles is None else profiles,
+                           residency=None)
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
