@@ -30,11 +30,14 @@ def test_default_policy_shape() -> None:
     policy = parse_policy((POLICIES / "default.toml").read_bytes(), "default.toml")
     assert policy.family == "smollm2-135m"
     assert set(policy.curves) == {"q2_k", "q4_1", "q8_0"}
-    for style in ("boxed", "aav"):
-        q2, q4, q8 = (policy.curves[v][style] for v in ("q2_k", "q4_1", "q8_0"))
-        for budget in (16, 64, 256, 1000):
-            assert q8.accuracy(budget) == q4.accuracy(budget) > q2.accuracy(budget)
-            assert q4.accuracy(budget) < 0.05  # a 135M model solves a few % of GSM8K
+    for variant in ("q2_k", "q4_1", "q8_0"):
+        for style in ("boxed", "aav"):
+            curve = policy.curves[variant][style]
+            for budget in (16, 64, 256, 1000):
+                assert 0 <= curve.accuracy(budget) < 0.1  # a 135M model solves a few % of GSM8K
+    # the aav curves are still placeholders: q8_0 = q4_1 (requantized from it) > q2_k
+    q2, q4, q8 = (policy.curves[v]["aav"] for v in ("q2_k", "q4_1", "q8_0"))
+    assert all(q8.accuracy(b) == q4.accuracy(b) > q2.accuracy(b) for b in (16, 64, 256, 1000))
 
 
 def test_study_policy_matches_the_published_figures() -> None:
