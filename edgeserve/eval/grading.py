@@ -189,8 +189,10 @@ def canonical(value: Fraction) -> str:
 
 
 def numbers_match(a: Fraction, b: Fraction, rel_tol: float = REL_TOL, abs_tol: float = ABS_TOL) -> bool:
-    """Equal within ``max(abs_tol, rel_tol × the larger magnitude)``."""
-    return abs(float(a - b)) <= max(abs_tol, rel_tol * max(abs(float(a)), abs(float(b))))
+    """Equal within ``max(abs_tol, rel_tol × the larger magnitude)``, in exact arithmetic (a model
+    may write a number with hundreds of digits, which no float holds)."""
+    tolerance = max(Fraction(abs_tol), Fraction(rel_tol) * max(abs(a), abs(b)))
+    return abs(a - b) <= tolerance
 
 
 # ---- math-verify ------------------------------------------------------------------------------

@@ -179,3 +179,11 @@ def test_math_verify_is_not_called_off_the_main_thread() -> None:
     thread.join()
     assert seen == [None]
     assert math_verify_equal("2 \\times 9", "18") is True
+
+
+def test_a_number_too_large_for_a_float_is_graded_not_crashed() -> None:
+    huge = "9" * 400
+    assert not numbers_match(Fraction(int(huge)), Fraction(18))
+    assert numbers_match(Fraction(int(huge)), Fraction(int(huge)))
+    graded = grade(f"The answer is \\boxed{{{huge}}}", "18")
+    assert graded.correct is False and graded.extracted == huge
