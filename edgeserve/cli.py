@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeserve.cachedir import ensure_writable
 from edgeserve.config import (
     ServerSettings,
     default_cache_dir,
@@ -174,7 +175,7 @@ async def _calibrate(args: argparse.Namespace) -> int:
     from edgeserve.runtime.registry import ModelRegistry
 
     models = load_models_file(args.models)
-    prepared = prepare_models(models, args.models.resolve().parent, args.cache_dir, print)
+    prepared = prepare_models(models, args.models.resolve().parent, ensure_writable(args.cache_dir), print)
     registry = ModelRegistry(models, prepared)
     started = time.perf_counter()
     try:
@@ -198,6 +199,7 @@ async def _calibrate(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from edgeserve.runtime.prepare import prepare_from_file, prepare_models, sha256_of
 
+    ensure_writable(args.cache_dir)
     if args.source is not None:
         if not args.family:
             raise SystemExit("edgeserve: --from needs --family NAME")
@@ -237,6 +239,7 @@ def _serve(args: argparse.Namespace) -> int:
     log = get_logger("edgeserve")
     api_keys = _api_keys(args, settings.host, log)
     models = load_models_file(settings.models_path)
+    ensure_writable(settings.cache_dir)
     policy, policy_source = _load_policy(args.policy, settings.models_path)
     prepared = prepare_models(models, settings.models_path.resolve().parent, settings.cache_dir,
                               lambda line: log.info("prepare", detail=line))
@@ -259,8 +262,7 @@ def _serve(args: argparse.Namespace) -> int:
                      metrics_public=args.metrics_public)
     log.info("serving", host=settings.host, port=settings.port, slots=settings.slots, policy=policy_source,
              variants=list(prepared), grace_s=args.grace_s)
-    serve(engine, app, settings.host, settings.port, notifier, args.grace_s)
-    return 0
+    return serve(engine, app, settings.host, settings.port, notifier, args.grace_s)
 
 
 def _residency(args: argparse.Namespace, registry: ModelRegistry, log: Any) -> ResidencyManager:

@@ -36,6 +36,14 @@ class DrainingServer(uvicorn.Server):
         self.grace_s = grace_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
+        self.failure: str | None = None
+
+    def fail(self, message: str) -> None:
+        """The models could not be loaded (a corrupt GGUF, an unwritable cache): stop and exit
+        non-zero, so the operator (or systemd's Restart=on-failure) sees it, rather than serve
+        503 forever. Nothing was admitted yet, so there is nothing to drain."""
+        self.failure = message
+        self.should_exit = True
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -78,8 +86,15 @@ class DrainingServer(uvicorn.Server):
         return True
 
 
-def serve(engine: Engine, app: Litestar, host: str, port: int, notifier: Notifier, grace_s: float) -> None:
+def serve(engine: Engine, app: Litestar, host: str, port: int, notifier: Notifier, grace_s: float) -> int:
+    """Serve until stopped; the exit code: 0, or 2 when the models could not be loaded."""
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                             log_level="warning", timeout_graceful_shutdown=int(grace_s),
                             http=OpenAIErrorHTTPProtocol)  # its parser errors in the OpenAI format
-    DrainingServer(config, engine, notifier, grace_s).run()
+    server = DrainingServer(config, engine, notifier, grace_s)
+    app.state.on_load_failed = server.fail
+    server.run()
+    if server.failure is not None:
+        log.error("exiting", detail=f"the models could not be loaded: {server.failure}")
+        return 2
+    return 0

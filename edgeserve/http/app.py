@@ -201,9 +201,12 @@ async def _frames(engine: Engine, metrics: Metrics, ctx: CompletionContext, incl
         assert generation.result is not None
         yield chunks.last(generation.result, include_usage)
         engine.record(ctx.admission, generation.result)
-    except GenerationFailedError:
+    except GenerationFailedError as exc:  # the 200 is sent already: an error event, then the end
         failed = True
-        raise
+        log.error("request_failed", error=exc.message, path="stream", request_id=ctx.request_id,
+                  exc_info=exc.__cause__)  # the runner's own traceback, for the operator
+        yield error_frame(exc, ctx.request_id)
+        yield DONE
     finally:
         # A disconnect cancels this generator at a `yield`; the token loop sees the flag
         # before its next decode step.
@@ -373,10 +376,13 @@ def create_app(engine: Engine, *, cache_dir: Path, default_deadline_ms: int | No
                 engine.profiles = profiles  # ready from here on
                 log.info("ready", detail=engine.status())
                 notify.ready(f"serving {', '.join(engine.registry.runners)}")
-            except EdgeserveError as exc:
-                app.state.load_error = exc.message
-                log.error("load_failed", error=exc.message)
-                notify.status(f"failed: {exc.message}")
+            except (EdgeserveError, OSError) as exc:  # a bad model file; a cache that cannot be written
+                message = exc.message if isinstance(exc, EdgeserveError) else str(exc)
+                app.state.load_error = message
+                log.error("load_failed", error=message)
+                notify.status(f"failed: {message}")
+                if app.state.on_load_failed is not None:  # set by lifecycle.serve: exit, do not idle
+                    app.state.on_load_failed(message)
 
         remotes = engine.registry.open_remotes()
         task = asyncio.create_task(load())
@@ -413,6 +419,7 @@ def create_app(engine: Engine, *, cache_dir: Path, default_deadline_ms: int | No
     app.state.metrics = Metrics(engine)
     app.state.started_at = int(time.time())
     app.state.load_error = None
+    app.state.on_load_failed = None  # Callable[[str], None]: what to do when loading fails
     app.state.default_deadline_ms = default_deadline_ms
     app.state.max_body_bytes = max_body_bytes  # named in the 413
     return app

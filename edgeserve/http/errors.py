@@ -65,11 +65,20 @@ def status_of(error: EdgeserveError) -> int:
     return 500
 
 
-def error_frame(error: EdgeserveError) -> bytes:
+def with_request_id(message: str, status: int, request_id: str | None) -> str:
+    """A server-side failure (500, 502) names the request, so an operator can find its log
+    lines; refusals (429, 503) and bad input are the client's to act on and need no id."""
+    if status < 500 or status == 503 or not request_id:
+        return message
+    return f"{message} (request {request_id}; the server keeps serving, report this id to the operator)"
+
+
+def error_frame(error: EdgeserveError, request_id: str | None = None) -> bytes:
     """The error as a server-sent event, for a stream whose 200 and headers are already sent
     (OpenAI streams report errors the same way: ``data: {"error": {...}}``)."""
-    body = ErrorResponse(ErrorBody(error.message, ERROR_TYPES.get(status_of(error), "server_error"),
-                                   error.param, error.code))
+    status = status_of(error)
+    body = ErrorResponse(ErrorBody(with_request_id(error.message, status, request_id),
+                                   ERROR_TYPES.get(status, "server_error"), error.param, error.code))
     return b"data: " + _encoder.encode(body) + b"\n\n"
 
 
@@ -80,11 +89,14 @@ def handle_domain_error(request: Request[Any, Any, Any], error: EdgeserveError) 
         headers = {"Retry-After": str(error.retry_after_s)}
         if error.min_deadline_ms is not None:  # lets a client retry with a deadline that can work
             headers["X-Edgeserve-Min-Deadline-Ms"] = f"{error.min_deadline_ms:.0f}"
+    request_id = request.scope.get("state", {}).get("request_id")
     if status == 503:
         log.warning("not_ready", error=error.message, path=request.url.path)
     elif status >= 500:
-        log.error("request_failed", error=error.message, path=request.url.path)
-    return error_response(status, error.message, param=error.param, code=error.code, headers=headers)
+        log.error("request_failed", error=error.message, path=request.url.path, request_id=request_id,
+                  exc_info=error.__cause__)  # e.g. the exception a runner raised, with its traceback
+    return error_response(status, with_request_id(error.message, status, request_id), param=error.param,
+                          code=error.code, headers=headers)
 
 
 def handle_http_exception(request: Request[Any, Any, Any], error: HTTPException) -> Response[bytes]:

@@ -173,6 +173,11 @@ async def ensure_profiles(
         path = profile_path(cache_dir, sha256, runner.config.threads, host)
         paths[runner.variant_id] = (sha256, path)
         profile = None if force else load_profile(path)
+        if profile is not None and not describes(profile, sha256, runner.config.threads, host):
+            if progress:
+                progress(f"{runner.variant_id}: the stored cost profile {path.name} was measured for another "
+                         "file, thread count or host (a copied cache?); calibrating")
+            profile = None
         if profile is None:
             if progress:
                 progress(f"{runner.variant_id}: no cost profile for this board; calibrating")
@@ -185,6 +190,12 @@ async def ensure_profiles(
                          "siblings' (measured while the machine was busy?); calibrating again")
             profiles[runner.variant_id] = await measure_and_store(runner, *paths[runner.variant_id])
     return profiles
+
+
+def describes(profile: CostProfile, sha256: str, n_threads: int, host: str) -> bool:
+    """The profile was measured on this very file, thread count and host. Its file name says
+    so already; a copied or hand-edited file may not."""
+    return profile.gguf_sha256 == sha256 and profile.n_threads == n_threads and profile.host == host
 
 
 def implausible(runner: LlamaRunner, runners: list[LlamaRunner], profiles: dict[str, CostProfile],

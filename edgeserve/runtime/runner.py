@@ -25,6 +25,8 @@ from edgeserve.errors import (
     GenerationFailedError,
     ModelPreparationError,
 )
+from edgeserve.runtime.faults import InjectedFault, fault_marker
+from edgeserve.runtime.gguf_check import diagnose
 from edgeserve.runtime.stops import StopMatcher
 
 Finish = Literal["stop", "length", "deadline", "cancelled"]
@@ -189,6 +191,7 @@ class LlamaRunner:
         self._swap_lock = threading.Lock()
         self._active = 0  # generations submitted and not finished: such a variant is not evicted
         self.unload_ms: float | None = None
+        self._fault_marker = fault_marker()  # tests only (see runtime.faults); None in service
 
     @property
     def n_ctx(self) -> int:
@@ -247,7 +250,9 @@ class LlamaRunner:
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
-            raise ModelPreparationError(f"variant {self.variant_id}: cannot load {self.path}: {exc}") from exc
+            # llama.cpp could not read the file (say why), or failed later (its context: say that)
+            detail = diagnose(self.path) if str(exc).startswith("Failed to load model") else str(exc)
+            raise ModelPreparationError(f"variant {self.variant_id}: cannot load {self.path}: {detail}") from exc
         template = self.config.chat_template or llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise ModelPreparationError(
@@ -340,6 +345,8 @@ class LlamaRunner:
             return GenerationResult("cancelled", len(job.prompt_tokens), 0.0, 0, 0.0)
         cached = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), job.prompt_tokens)
         context = list(job.prompt_tokens)
+        fail = self._fault_marker is not None and self._fault_marker in llm.detokenize(
+            job.prompt_tokens).decode("utf-8", "replace")
 
         def generate_from(context: list[int]) -> Generator[int, None, None]:
             return cast(Generator[int, None, None], llm.generate(
@@ -391,6 +398,9 @@ class LlamaRunner:
             piece = stops.feed(text)
             if piece:
                 generation._emit_text(piece)
+            if fail:
+                tokens.close()
+                raise InjectedFault(f"injected fault after the first token ({self.variant_id})")
             if stops.stopped or finish == "stop":
                 finish = "stop"
                 break

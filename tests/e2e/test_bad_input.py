@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,10 @@ class Case:
 
 CASES = [
     Case("malformed-json", b'{"model": "smollm2-135m", "messages": [', mentions=("JSON",)),
+    Case("truncated-json", b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "hel',
+         mentions=("JSON", "truncated")),
+    Case("trailing-garbage", b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]}}',
+         mentions=("JSON",)),
     Case("empty-body", b"", mentions=("empty",)),
     Case("not-an-object", b"[1, 2]", mentions=("object",)),
     Case("invalid-utf8", b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "\xff"}]}',
@@ -54,6 +59,10 @@ CASES = [
     Case("max-tokens-negative", chat(max_tokens=-5), param="max_tokens"),
     Case("max-tokens-zero", chat(max_tokens=0), param="max_tokens"),
     Case("max-tokens-float", chat(max_tokens=2.5), param="max_tokens"),
+    Case("max-tokens-huge", chat(max_tokens=10**7), param="max_tokens", mentions=("1000000",)),
+    Case("max-tokens-beyond-64-bits", chat(max_tokens=2**70), param="max_tokens"),
+    Case("messages-not-a-list", chat(messages={"role": "user", "content": "hi"}), param="messages"),
+    Case("content-number", chat(messages=[{"role": "user", "content": 7}]), param="messages[0].content"),
     Case("max-completion-tokens-negative", chat(max_completion_tokens=-1),
          param="max_completion_tokens"),
     Case("temperature-negative", chat(temperature=-1), param="temperature"),
@@ -62,6 +71,7 @@ CASES = [
     Case("n-2", chat(n=2), param="n"),
     Case("stream-not-bool", chat(stream="yes"), param="stream"),
     Case("stop-too-many", chat(stop=["a", "b", "c", "d", "e"]), param="stop"),
+    Case("stop-too-many-hundreds", chat(stop=["x"] * 500), param="stop"),
     Case("empty-messages", chat(messages=[]), param="messages"),
     Case("message-not-object", chat(messages=["hello"]), param="messages[0]"),
     Case("unknown-role", chat(messages=[{"role": "wizard", "content": "hi"}]),
@@ -207,6 +217,56 @@ def test_openai_client_raises_typed_errors(server: Server) -> None:
         reply = client.chat.completions.create(model=FAMILY, messages=HELLO,
                                                max_tokens=2)
         assert reply.choices[0].message.content
+
+
+def raw_post(base: str, header: bytes, body: bytes) -> tuple[int, bytes]:
+    """A POST with one header exactly as given: httpx refuses to send control characters."""
+    url = httpx.URL(base)
+    assert url.host and url.port
+    head = (f"POST {CHAT} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n").encode("ascii")
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall(head + header + b"\r\n\r\n" + body)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    status_line, _, rest = received.partition(b"\r\n")
+    return int(status_line.split(b" ")[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize(("header", "param", "code"), [
+    pytest.param(b"X-Deadline-Ms: 5\x01", None, "invalid_http_request", id="soh-in-deadline"),
+    pytest.param(b"X-Request-Id: abc\x7fdef", None, "invalid_http_request", id="del-in-request-id"),
+    pytest.param(b"X-Budget-Hint: on\x00", None, "invalid_http_request", id="nul-in-budget-hint"),
+    pytest.param(b"X-Prompt-Style: \x1b[31mboxed", None, "invalid_http_request", id="escape-in-prompt-style"),
+    # Bytes >= 0x80 are legal in HTTP header values (obs-text): they reach the app, which names the header.
+    pytest.param(b"X-Budget-Hint: \xe9on", "X-Budget-Hint", None, id="latin1-in-budget-hint"),
+])
+def test_header_with_control_characters(server: Server, http: httpx.Client, header: bytes, param: str | None,
+                                        code: str | None) -> None:
+    """Refused with a 400 in the OpenAI format, whether by the HTTP parser (control characters
+    never reach the app) or by the app; no server error, and the next request succeeds."""
+    errors_before = len(server.error_records())
+    status, body = raw_post(server.base, header, json.dumps(chat()).encode())
+    assert status == 400, body
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["type"] == "invalid_request_error"
+    assert (error["param"], error["code"]) == (param, code), error
+    assert error["message"]
+    good_request_succeeds(http)
+    assert server.error_records()[errors_before:] == []
+
+
+def test_huge_but_valid_max_tokens_is_capped(http: httpx.Client) -> None:
+    """max_tokens at the schema's limit (1,000,000) is accepted and capped by the context and
+    the deadline: a prompt, not the client, decides how long a generation can run."""
+    response = http.post(CHAT, json=chat(max_tokens=1_000_000), headers={"X-Deadline-Ms": "3000"})
+    assert response.status_code == 200, response.text
+    budget = int(response.headers["X-Edgeserve-Budget-Tokens"])
+    assert 1 <= budget < 2048  # n_ctx of the default variants
+    assert response.json()["usage"]["completion_tokens"] <= budget
+    good_request_succeeds(http)
 
 
 def test_no_server_error_was_logged(server: Server) -> None:

@@ -24,9 +24,27 @@ FAMILY = "smollm2-135m"
 QUESTION = "A pen costs 3 dollars. How much do 4 pens cost?"
 
 
+# Curves of a known shape (the shipped ones are measured and move with each sweep): q4_1 = q8_0
+# above q2_k at every budget.
+CURVES = """
+[curves.q2_k.boxed]
+budgets  = [32,    64,    128,   256,   384]
+accuracy = [0.001, 0.003, 0.006, 0.009, 0.010]
+[curves.q4_1.boxed]
+budgets  = [32,    64,    128,   256,   384]
+accuracy = [0.002, 0.006, 0.013, 0.020, 0.022]
+[curves.q8_0.boxed]
+budgets  = [32,    64,    128,   256,   384]
+accuracy = [0.002, 0.006, 0.013, 0.020, 0.022]
+"""
+
+
 @pytest.fixture(scope="module")
 def policy() -> PolicyFile:
-    return parse_policy((ROOT / "policies" / "default.toml").read_bytes(), "policies/default.toml")
+    """The shipped default policy's settings with the curves above."""
+    shipped = (ROOT / "policies" / "default.toml").read_text()
+    settings = shipped[:shipped.index("[curves.")]
+    return parse_policy((settings + CURVES).encode(), "policies/default.toml with test curves")
 
 
 @pytest.fixture(scope="module")
