@@ -244,9 +244,10 @@ def single_variant_toml(family: FamilyConfig, variant: VariantConfig, base_dir: 
     return "\n".join(lines) + "\n"
 
 
-def edgeserve_command(models: Path, cache_dir: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "edgeserve.cli", "serve", "--models", str(models),
-            "--cache-dir", str(cache_dir), "--host", "127.0.0.1", "--port", str(port)]
+def edgeserve_command(models: Path, cache_dir: Path, port: int, policy: Path | None = None) -> list[str]:
+    command = [sys.executable, "-m", "edgeserve.cli", "serve", "--models", str(models),
+               "--cache-dir", str(cache_dir), "--host", "127.0.0.1", "--port", str(port)]
+    return command if policy is None else [*command, "--policy", str(policy)]
 
 
 def llama_server_command(path: Path, variant: VariantConfig, port: int) -> list[str]:

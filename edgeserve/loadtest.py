@@ -270,7 +270,7 @@ def targets(args: argparse.Namespace) -> Iterator[list[Target]]:
             es_base = f"http://127.0.0.1:{port}"
             progress(f"starting edgeserve on {es_base} (the first start in a cache dir calibrates)")
             stack.enter_context(server_process(
-                EDGESERVE, edgeserve_command(args.models, args.cache_dir, port), f"{es_base}/ready",
+                EDGESERVE, edgeserve_command(args.models, args.cache_dir, port, args.policy), f"{es_base}/ready",
                 args.out / "edgeserve.log", env={"EDGESERVE_LOG_FORMAT": "json"}, timeout_s=READY_TIMEOUT_S))
         found.append(Target(EDGESERVE, es_base, args.model))
         if args.baseline:
@@ -327,6 +327,8 @@ def add_loadtest_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--scenarios", type=Path, default=LOADTESTS / "scenarios.toml", help="scenarios file")
     p.add_argument("--locustfile", type=Path, default=LOADTESTS / "locustfile.py")
     p.add_argument("--models", type=Path, default=default_models_path(), help="models file (env EDGESERVE_MODELS)")
+    p.add_argument("--policy", type=Path, default=None,
+                   help="edgeserve's routing policy (default: policies/default.toml beside the models file)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="env EDGESERVE_CACHE_DIR")
 
 
