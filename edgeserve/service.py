@@ -133,7 +133,9 @@ class Engine:
             raise self._refusal_error(decision, len(tokens), probe, param)
         remote = self.registry.remotes.get(decision.variant_id)
         if remote is not None:
-            return await self._admit_remote(request, remote, probe, decision, deadline_at, param)
+            if decision.hint_tokens != first_hint:
+                prompt_text, tokens = await asyncio.to_thread(self._prompt, probe, request, decision.hint_tokens)
+            return self._admit_remote(request, remote, probe, decision, deadline_at, param, prompt_text, tokens)
         runner = self.registry.runner(decision.variant_id)
         if runner is not probe or decision.hint_tokens != first_hint:
             prompt_text, tokens = await asyncio.to_thread(self._prompt, runner, request, decision.hint_tokens)
@@ -145,14 +147,14 @@ class Engine:
         load_ms = next(c.load_ms for c in candidates if c.variant_id == decision.variant_id)
         return Admission(decision.variant_id, runner, prompt_text, job, decision, load_ms=load_ms)
 
-    async def _admit_remote(self, request: InferenceRequest, remote: RemoteVariant, probe: LlamaRunner,
-                            decision: Decision, deadline_at: float | None, param: str) -> Admission:
+    def _admit_remote(self, request: InferenceRequest, remote: RemoteVariant, probe: LlamaRunner,
+                      decision: Decision, deadline_at: float | None, param: str, prompt_text: str,
+                      tokens: list[int]) -> Admission:
         """The remote shapes its own prompt: it gets the styled (and hinted) messages, and the
-        local tokenizer only counts them. Answer forcing needs token-level control: not remote."""
+        local tokenizer only counted them. Answer forcing needs token-level control: not remote."""
         messages = None
         if request.messages is not None:
             messages = apply_style_and_hint(request.messages, request.style, decision.hint_tokens, self.policy)
-        prompt_text, tokens = await asyncio.to_thread(self._prompt, probe, request, decision.hint_tokens)
         if len(tokens) >= remote.n_ctx:
             raise ContextLengthExceededError(len(tokens), remote.n_ctx, remote.variant_id, param)
         max_tokens = min(decision.max_tokens, remote.n_ctx - len(tokens))

@@ -178,7 +178,8 @@ def choose(
     for c in fitting:
         wait = _wait(c, queue)
         avail = math.inf if deadline is None else available_ms(deadline, wait, policy)
-        if c.wait_ms is None and run_limit < avail:  # only a local slot delays the local queue
+        capped = c.wait_ms is None and run_limit < avail  # only a local slot delays the local queue
+        if capped:
             avail, queued_cap = run_limit, True
         avail -= c.load_ms
         cap = min(max_tokens, c.n_ctx - prompt)
@@ -197,7 +198,7 @@ def choose(
             limit = "max_tokens"
         elif budget == c.n_ctx - prompt:
             limit = "the context"
-        elif queued_cap and c.wait_ms is None and run_limit <= avail + c.load_ms:
+        elif capped:
             limit = "requests queued behind it"
         options.append(_Option(c, budget, accuracy, predicted, limit))
 

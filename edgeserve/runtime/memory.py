@@ -36,8 +36,7 @@ class MemoryCheck:
 
 
 def needed_bytes(model_files: list[Path]) -> int:
-    weights = sum(path.stat().st_size for path in model_files)
-    return int(weights * (1 + OVERHEAD_RATIO)) + OVERHEAD_BYTES
+    return sum(resident_bytes(path) for path in model_files) + OVERHEAD_BYTES
 
 
 def available_from_meminfo(text: str) -> int | None:
