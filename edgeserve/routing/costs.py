@@ -55,6 +55,10 @@ class CostProfile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froz
     n_decode_samples: int = 0
     recent_ape: float | None = None
     updated_count: int = 0
+    # Batching: one decode step of ``w`` sequences together costs ``batch_step_factors[w]`` times
+    # a step of one (measured by calibration at a few widths, interpolated between them).
+    # Empty: nothing measured, and a step of ``w`` is assumed to cost ``w`` steps (no gain).
+    batch_step_factors: dict[int, float] = {}
 
     def __post_init__(self) -> None:
         if self.decode_ms_per_token <= 0 and self.decode_growth_ms_per_token_per_1k_ctx <= 0:
@@ -79,6 +83,30 @@ def decode_steps_ms(profile: CostProfile, prompt_tokens: int, steps: int) -> flo
     growth = profile.decode_growth_ms_per_token_per_1k_ctx / 1000.0
     # sum_{j=1..s} (d0 + g * (p + j)) = s*d0 + g*(s*p + s(s+1)/2)
     return steps * profile.decode_ms_per_token + growth * (steps * p + steps * (steps + 1) / 2)
+
+
+def width_factor(profile: CostProfile, width: int) -> float:
+    """Cost of one decode step of ``width`` sequences relative to a step of one sequence:
+    linear between measured widths, extended by the last measured slope beyond them, never
+    below the measured ones (a wider batch is never cheaper per step) and ``width`` itself when
+    nothing was measured."""
+    if width <= 1:
+        return 1.0
+    points = sorted({1: 1.0, **profile.batch_step_factors}.items())
+    if len(points) == 1:
+        return float(width)
+    for (w0, f0), (w1, f1) in itertools.pairwise(points):
+        if w0 <= width <= w1:
+            return f0 + (f1 - f0) * (width - w0) / (w1 - w0)
+    (w0, f0), (w1, f1) = points[-2], points[-1]
+    slope = max((f1 - f0) / (w1 - w0), 0.0)
+    return f1 + slope * (width - w1)
+
+
+def step_ms(profile: CostProfile, width: int, context: float) -> float:
+    """One decode step of ``width`` sequences whose mean context is ``context`` tokens."""
+    growth = profile.decode_growth_ms_per_token_per_1k_ctx / 1000.0
+    return (profile.decode_ms_per_token + growth * max(context, 0.0)) * width_factor(profile, width)
 
 
 def predict_ms(profile: CostProfile, prompt_tokens: int, new_tokens: int) -> float:

@@ -21,6 +21,7 @@ from typing import Literal
 
 import msgspec
 
+from edgeserve.routing.batching import Board, fit_budget
 from edgeserve.routing.costs import CostProfile, max_new_tokens_within, predict_ms
 from edgeserve.routing.hints import hint_tokens_for
 from edgeserve.routing.policy_file import PolicyFile
@@ -102,6 +103,7 @@ class _Option(msgspec.Struct, frozen=True):
     accuracy: float
     predicted_ms: float
     limit: str | None  # what capped the budget, if not the deadline
+    wait_ms: float = 0.0  # before it starts: the queue, or when it joins its batch
 
 
 def safety_margin_ms(deadline_ms: float, policy: PolicyFile) -> float:
@@ -138,11 +140,17 @@ def choose(
     candidates: Sequence[VariantCandidate],
     policy: PolicyFile,
     queue_wait_ms: float,
+    board: Board | None = None,
 ) -> Decision | Refusal:
     """The variant and budget with the best expected accuracy that fit the request's deadline.
 
     Guarantee: for a Decision with a deadline, ``predicted_ms + queue_wait_ms <= deadline_ms``
     (``predicted_ms`` includes the chosen variant's load time, ``queue_wait_ms`` is its wait).
+
+    A candidate whose variant is on ``board`` (a local variant of the batched runtime) is
+    judged by the board's timeline instead of ``queue_wait_ms``: its budget is the largest that
+    lets it finish in time while every sequence already admitted still meets its deadline
+    (routing.batching.fit_budget), and its wait is when it would join its variant's batch.
     """
     if request.requested_max_tokens is not None and request.requested_max_tokens < 1:
         raise ValueError("requested_max_tokens must be at least 1")
@@ -176,6 +184,11 @@ def choose(
     queued_cap = False
     options: list[_Option] = []
     for c in fitting:
+        if board is not None and c.variant_id in board.variants:
+            option = _batched_option(c, board, request, policy, max_tokens, style, hint_on)
+            if option is not None:
+                options.append(option)
+            continue
         wait = _wait(c, queue)
         avail = math.inf if deadline is None else available_ms(deadline, wait, policy)
         capped = c.wait_ms is None and run_limit < avail  # only a local slot delays the local queue
@@ -200,11 +213,11 @@ def choose(
             limit = "the context"
         elif capped:
             limit = "requests queued behind it"
-        options.append(_Option(c, budget, accuracy, predicted, limit))
+        options.append(_Option(c, budget, accuracy, predicted, limit, wait))
 
     if not options:
         assert deadline is not None  # without a deadline every fitting variant is an option
-        return _refuse(request, fitting, policy, deadline, queue, max_tokens, queued_cap, excluded)
+        return _refuse(request, fitting, policy, deadline, queue, max_tokens, queued_cap, excluded, board)
 
     best = options[0]
     for option in options[1:]:
@@ -221,11 +234,39 @@ def choose(
         hint_tokens=hint_tokens_for(best.budget, policy) if hint_on else None,
         predicted_ms=best.predicted_ms,
         expected_accuracy=best.accuracy,
-        reason=_reason(best, options, request, policy, _wait(chosen, queue), style, hint_on, excluded),
+        reason=_reason(best, options, request, policy, best.wait_ms, style, hint_on, excluded),
         style=style,
         deadline_ms=deadline,
-        queue_wait_ms=_wait(chosen, queue),
+        queue_wait_ms=best.wait_ms,
     )
+
+
+def _batched_option(c: VariantCandidate, board: Board, request: RoutingRequest, policy: PolicyFile,
+                    max_tokens: int, style: str, hint_on: bool) -> _Option | None:
+    prompt = max(request.prompt_tokens, 0)
+    deadline = request.deadline_ms
+    avail = math.inf if deadline is None else deadline - safety_margin_ms(deadline, policy) - c.load_ms
+    cap = min(max_tokens, c.n_ctx - prompt)
+    minimum = min(policy.routing.min_useful_tokens, cap)
+    fit = fit_budget(board, c.variant_id, prompt, cap, minimum, avail)
+    if fit is None:
+        return None
+    curve = policy.curve_for(c.name, style, hint_on)
+    accuracy = curve.accuracy(fit.tokens) if curve is not None else 0.0
+    limit = fit.blocked_by
+    if fit.tokens == max_tokens:
+        limit = "max_tokens"
+    elif fit.tokens == c.n_ctx - prompt:
+        limit = "the context"
+    predicted = c.load_ms + fit.finish_ms - fit.start_ms
+    return _Option(c, fit.tokens, accuracy, predicted, limit, fit.start_ms)
+
+
+def _board_wait(board: Board | None) -> float:
+    """Until the first admitted sequence on the board finishes (0 when nothing runs)."""
+    if board is None or not board.sequences:
+        return 0.0
+    return min(board.finishes().values(), default=0.0)
 
 
 def _wait(candidate: VariantCandidate, queue: float) -> float:
@@ -266,18 +307,33 @@ def _reason(best: _Option, options: list[_Option], request: RoutingRequest, poli
 
 def _refuse(request: RoutingRequest, fitting: list[VariantCandidate], policy: PolicyFile,
             deadline: float, queue: float, max_tokens: int, queued_cap: bool,
-            excluded: list[VariantCandidate]) -> Refusal:
+            excluded: list[VariantCandidate], board: Board | None = None) -> Refusal:
     """Why nothing fits, the smallest deadline that would, and when to retry."""
     prompt = max(request.prompt_tokens, 0)
     routing = policy.routing
     margin = safety_margin_ms(deadline, policy)
     needs: list[tuple[float, float, VariantCandidate, int]] = []  # (wait + need, need, candidate, tokens)
+    busy_ms = _board_wait(board)
     for c in fitting:
         minimum = min(routing.min_useful_tokens, max_tokens, c.n_ctx - prompt)
         need = c.load_ms + predict_ms(c.profile, prompt, minimum)
-        needs.append((_wait(c, queue) + need, need, c, minimum))
-    _, need, fastest, minimum = min(needs, key=lambda item: item[0])
-    wait = _wait(fastest, queue)
+        wait = busy_ms if board is not None and c.variant_id in board.variants else _wait(c, queue)
+        needs.append((wait + need, need, c, minimum))
+    total, need, fastest, minimum = min(needs, key=lambda item: item[0])
+    wait = total - need
+    if board is not None and fastest.variant_id in board.variants and board.sequences \
+            and need <= deadline - margin:
+        # It would fit on its own; joining now would make sequences already admitted miss.
+        pinned = "pinned " if request.pinned is not None else ""
+        return Refusal(
+            reason=(f"deadline {format_ms(deadline)} is infeasible now: the fastest useful answer "
+                    f"({pinned}{fastest.name}, {minimum} tokens) needs {format_ms(need)} alone, but the "
+                    f"requests already admitted leave it too little time, or would miss their own "
+                    f"deadlines if it joined; the first of them ends in about {format_ms(wait)}"),
+            code="deadline_infeasible",
+            retry_after_s=max(1, math.ceil(wait / 1000)),
+            min_deadline_ms=None,
+        )
     # D is feasible iff D - q - max(m, r*D) >= need  <=>  D >= q + m + need and D*(1-r) >= q + need
     min_deadline = math.ceil(max(wait + routing.safety_margin_ms + need,
                                  (wait + need) / (1 - routing.safety_margin_ratio)))

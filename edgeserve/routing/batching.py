@@ -1,0 +1,249 @@
+"""The board's future under continuous batching: when will each admitted sequence finish?
+
+Pure (no clock, no I/O): the stepping loop (runtime/stepper.py) publishes what it runs as a
+`Board`, admission asks `fit_budget` how many tokens a newcomer may have so that it *and every
+sequence already admitted* finish by their deadlines, and the simulator replays traces through
+the same `Timeline`. The timeline follows the stepping loop's rules exactly:
+
+* each step runs ONE variant's batch, the variant whose running sequences hold the most urgent
+  deadline (no deadline sorts last; ties go to the variant listed first);
+* every running sequence of that variant that has finished its prompt decodes one token; the
+  most urgent one still prefilling evaluates one chunk of at most ``chunk_tokens`` prompt tokens
+  in the same step (the step that finishes its prompt also gives its first token);
+* at most ``parallel`` sequences of a variant run at once; the others wait, earliest deadline
+  first, and join when one leaves.
+
+Costs come from each variant's CostProfile: a step of ``w`` decoding sequences costs
+``step_ms(profile, w, mean context)``, a prefill chunk costs the prefill curve's increment (the
+fixed part charged with the first chunk). Sequences are assumed to use their whole budget: one
+that stops early only frees time, so predictions err on the safe side.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from edgeserve.routing.costs import CostProfile, prefill_ms, step_ms
+
+
+@dataclass(frozen=True)
+class VariantLoad:
+    """What the timeline needs of a variant: its costs and how many sequences share a batch."""
+
+    profile: CostProfile
+    parallel: int = 1
+
+
+@dataclass(frozen=True)
+class SeqLoad:
+    """One admitted sequence as the timeline sees it. Times are ms from the board's "now";
+    ``deadline_ms`` None: no deadline (served after every sequence with one)."""
+
+    key: int
+    variant: str
+    tokens_left: int  # new tokens still to produce (the rest of its budget)
+    prompt_left: int = 0  # prompt tokens still to evaluate (0: decoding)
+    context: int = 0  # tokens in its KV cache now (evaluated prompt + generated)
+    deadline_ms: float | None = None
+    running: bool = True  # in its variant's batch; False: waiting for a free place
+
+
+@dataclass
+class _Seq:
+    load: SeqLoad
+    tokens_left: int
+    prompt_left: int
+    context: int
+    prefilled_any: bool
+
+    @property
+    def urgency(self) -> float:
+        return math.inf if self.load.deadline_ms is None else self.load.deadline_ms
+
+
+@dataclass
+class Timeline:
+    """Steps the board forward in whole segments (a run of identical steps) until every
+    sequence has finished; ``finish_ms`` / ``start_ms`` say when each did and when it joined."""
+
+    variants: dict[str, VariantLoad]
+    chunk_tokens: int = 64
+    now_ms: float = 0.0
+    running: dict[str, list[_Seq]] = field(default_factory=dict)
+    waiting: dict[str, list[_Seq]] = field(default_factory=dict)
+    finish_ms: dict[int, float] = field(default_factory=dict)
+    start_ms: dict[int, float] = field(default_factory=dict)
+
+    def add(self, load: SeqLoad) -> None:
+        if load.variant not in self.variants:
+            raise KeyError(f"unknown variant {load.variant}")
+        seq = _Seq(load, load.tokens_left, load.prompt_left, load.context,
+                   prefilled_any=load.context > 0 or load.prompt_left == 0)
+        if load.tokens_left <= 0:
+            self.finish_ms[load.key] = self.now_ms
+            return
+        if load.running:
+            self.running.setdefault(load.variant, []).append(seq)
+            self.start_ms[load.key] = self.now_ms
+        else:
+            self.waiting.setdefault(load.variant, []).append(seq)
+        self._fill()
+
+    def _fill(self) -> None:
+        for name, queue in self.waiting.items():
+            batch = self.running.setdefault(name, [])
+            queue.sort(key=lambda s: (s.urgency, s.load.key))
+            while queue and len(batch) < self.variants[name].parallel:
+                seq = queue.pop(0)
+                batch.append(seq)
+                self.start_ms[seq.load.key] = self.now_ms
+
+    def _next_variant(self) -> str | None:
+        best: tuple[float, int] | None = None
+        chosen = None
+        for index, (name, batch) in enumerate(self.running.items()):
+            if not batch:
+                continue
+            key = (min(s.urgency for s in batch), index)
+            if best is None or key < best:
+                best, chosen = key, name
+        return chosen
+
+    def step_segment(self) -> bool:
+        """Run one segment: one prefill-carrying step, or the identical decode steps up to the
+        next sequence's end. False when nothing is left to run."""
+        name = self._next_variant()
+        if name is None:
+            return False
+        profile = self.variants[name].profile
+        batch = self.running[name]
+        decoding = [s for s in batch if s.prompt_left == 0]
+        prefilling = [s for s in batch if s.prompt_left > 0]
+        if prefilling:
+            seq = min(prefilling, key=lambda s: (s.urgency, s.load.key))
+            chunk = min(self.chunk_tokens, seq.prompt_left)
+            cost = max(prefill_ms(profile, seq.context + chunk) - prefill_ms(profile, seq.context), 0.0)
+            if not seq.prefilled_any:  # the fixed part is charged once, with the first chunk
+                seq.prefilled_any = True
+                cost += profile.prefill_fixed_ms
+            if decoding:
+                cost += step_ms(profile, len(decoding), _mean_context(decoding))
+            self.now_ms += cost
+            seq.prompt_left -= chunk
+            seq.context += chunk
+            for s in decoding:
+                s.tokens_left -= 1
+                s.context += 1
+            if seq.prompt_left == 0:
+                seq.tokens_left -= 1  # the step that ends the prompt samples its first token
+                seq.context += 1
+        else:
+            steps = min(s.tokens_left for s in decoding)
+            width = len(decoding)
+            base = _mean_context(decoding)
+            # sum over j = 1..steps of step_ms(width, base + j): linear in the context
+            first = step_ms(profile, width, base + 1)
+            last = step_ms(profile, width, base + steps)
+            self.now_ms += steps * (first + last) / 2
+            for s in decoding:
+                s.tokens_left -= steps
+                s.context += steps
+        for s in [s for s in batch if s.tokens_left <= 0]:
+            batch.remove(s)
+            self.finish_ms[s.load.key] = self.now_ms
+        self._fill()
+        return True
+
+    def run(self) -> dict[int, float]:
+        while self.step_segment():
+            pass
+        return self.finish_ms
+
+
+def _mean_context(seqs: Sequence[_Seq]) -> float:
+    return sum(s.context for s in seqs) / len(seqs)
+
+
+@dataclass(frozen=True)
+class Board:
+    """A snapshot of what runs and waits, published by the stepping loop for admission."""
+
+    variants: dict[str, VariantLoad]
+    sequences: tuple[SeqLoad, ...] = ()
+    chunk_tokens: int = 64
+
+    def timeline(self, extra: Iterable[SeqLoad] = ()) -> Timeline:
+        timeline = Timeline(dict(self.variants), self.chunk_tokens)
+        for load in (*self.sequences, *extra):
+            timeline.add(load)
+        return timeline
+
+    def finishes(self, extra: Iterable[SeqLoad] = ()) -> dict[int, float]:
+        return self.timeline(extra).run()
+
+    def with_profile(self, variant: str, profile: CostProfile) -> Board:
+        variants = dict(self.variants)
+        variants[variant] = replace(variants[variant], profile=profile)
+        return replace(self, variants=variants)
+
+
+NEWCOMER = -1  # the key of the sequence being admitted
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The newcomer's budget, when it would join its batch and when it would finish (ms from
+    now); ``blocked_by`` names what capped the budget below the deadline's own limit."""
+
+    tokens: int
+    start_ms: float
+    finish_ms: float
+    blocked_by: str | None = None
+
+
+def fit_budget(board: Board, variant: str, prompt_tokens: int, cap: int, minimum: int,
+               available_ms: float) -> Fit | None:
+    """The largest budget in [minimum, cap] such that the newcomer finishes within
+    ``available_ms`` (inf: no deadline) and no admitted sequence that would meet its deadline
+    without the newcomer misses it with it. None when not even ``minimum`` tokens fit.
+    Binary search: more tokens never make anyone finish sooner."""
+    if cap < 1:
+        return None
+    minimum = max(1, min(minimum, cap))
+    base = board.finishes()
+    on_time = {s.key for s in board.sequences
+               if s.deadline_ms is not None and base.get(s.key, math.inf) <= s.deadline_ms}
+
+    def trial(tokens: int) -> tuple[bool, bool, float, float]:
+        """(fits its own deadline, keeps the others', start, finish)"""
+        newcomer = SeqLoad(NEWCOMER, variant, tokens, prompt_left=prompt_tokens, context=0,
+                           deadline_ms=None if math.isinf(available_ms) else available_ms, running=False)
+        timeline = board.timeline([newcomer])
+        finishes = timeline.run()
+        own = finishes[NEWCOMER] <= available_ms
+        others = all(finishes[s.key] <= s.deadline_ms for s in board.sequences
+                     if s.key in on_time and s.deadline_ms is not None)
+        return own, others, timeline.start_ms.get(NEWCOMER, 0.0), finishes[NEWCOMER]
+
+    own, others, start, finish = trial(minimum)
+    if not (own and others):
+        return None
+    low, high = minimum, cap + 1  # trial(low) fits; trial(high) does not (or is past the cap)
+    best = (start, finish, None)
+    own_hi, others_hi, start_hi, finish_hi = trial(cap)
+    if own_hi and others_hi:
+        return Fit(cap, start_hi, finish_hi)
+    blocked: str | None = None if not own_hi else "requests already running"
+    high = cap
+    while high - low > 1:
+        middle = (low + high) // 2
+        own_m, others_m, start_m, finish_m = trial(middle)
+        if own_m and others_m:
+            low, best = middle, (start_m, finish_m, None)
+        else:
+            high = middle
+            if own_m:
+                blocked = "requests already running"
+    return Fit(low, best[0], best[1], blocked)

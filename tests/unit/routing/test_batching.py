@@ -1,0 +1,177 @@
+"""The batching timeline: the stepping loop's rules, in milliseconds, without a model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from edgeserve.routing.batching import Board, SeqLoad, Timeline, VariantLoad, fit_budget
+from edgeserve.routing.costs import CostProfile, step_ms, width_factor
+
+
+def profile(decode: float = 10.0, prefill_per_token: float = 1.0, factors: dict[int, float] | None = None,
+            variant: str = "f:q8_0") -> CostProfile:
+    return CostProfile(variant_id=variant, prefill_ms_per_token=prefill_per_token, decode_ms_per_token=decode,
+                       batch_step_factors=factors if factors is not None else {2: 1.2, 4: 1.5, 8: 2.0})
+
+
+def test_width_factor_interpolates_and_extends() -> None:
+    p = profile()
+    assert width_factor(p, 1) == 1.0
+    assert width_factor(p, 2) == pytest.approx(1.2)
+    assert width_factor(p, 3) == pytest.approx(1.35)
+    assert width_factor(p, 16) == pytest.approx(3.0)  # last slope 0.125 per sequence
+    assert width_factor(profile(factors={}), 4) == 4.0  # nothing measured: no batching gain assumed
+
+
+def test_step_grows_with_context() -> None:
+    p = msgspec_replace_growth(profile(), 2.0)
+    assert step_ms(p, 1, 1000) == pytest.approx(12.0)
+
+
+def msgspec_replace_growth(p: CostProfile, growth: float) -> CostProfile:
+    import msgspec
+
+    return msgspec.structs.replace(p, decode_growth_ms_per_token_per_1k_ctx=growth)
+
+
+def test_one_sequence_alone_costs_prefill_then_steps() -> None:
+    board = Board({"f:q8_0": VariantLoad(profile(), parallel=4)})
+    finishes = board.finishes([SeqLoad(1, "f:q8_0", tokens_left=11, prompt_left=20)])
+    # prefill 20 ms gives the first token, then 10 steps of 10 ms
+    assert finishes[1] == pytest.approx(20 + 100)
+
+
+def test_batched_sequences_share_steps() -> None:
+    board = Board({"f:q8_0": VariantLoad(profile(), parallel=4)})
+    loads = [SeqLoad(k, "f:q8_0", tokens_left=10, context=5) for k in range(4)]
+    finishes = board.finishes(loads)
+    assert all(f == pytest.approx(10 * 10 * 1.5) for f in finishes.values())
+
+
+def test_parallel_limit_makes_the_rest_wait_earliest_deadline_first() -> None:
+    board = Board({"f:q8_0": VariantLoad(profile(factors={2: 2.0}), parallel=1)})
+    timeline = board.timeline([
+        SeqLoad(1, "f:q8_0", tokens_left=5, context=1, deadline_ms=None),
+        SeqLoad(2, "f:q8_0", tokens_left=5, context=1, deadline_ms=500, running=False),
+        SeqLoad(3, "f:q8_0", tokens_left=5, context=1, deadline_ms=100, running=False),
+    ])
+    finishes = timeline.run()
+    assert finishes[1] == pytest.approx(50)
+    assert timeline.start_ms[3] == pytest.approx(50) and finishes[3] == pytest.approx(100)
+    assert timeline.start_ms[2] == pytest.approx(100) and finishes[2] == pytest.approx(150)
+
+
+def test_most_urgent_variant_runs_first() -> None:
+    board = Board({"f:q2_k": VariantLoad(profile(decode=5), 2), "f:q8_0": VariantLoad(profile(), 2)})
+    finishes = board.finishes([
+        SeqLoad(1, "f:q2_k", tokens_left=10, context=1, deadline_ms=1000),
+        SeqLoad(2, "f:q8_0", tokens_left=10, context=1, deadline_ms=200),
+    ])
+    assert finishes[2] == pytest.approx(100)
+    assert finishes[1] == pytest.approx(150)
+
+
+def test_prefill_chunks_ride_along_with_decode_steps() -> None:
+    board = Board({"f:q8_0": VariantLoad(profile(), parallel=2)}, chunk_tokens=10)
+    timeline = board.timeline([
+        SeqLoad(1, "f:q8_0", tokens_left=100, context=50),
+        SeqLoad(2, "f:q8_0", tokens_left=3, prompt_left=30),
+    ])
+    finishes = timeline.run()
+    # three chunk steps of 10 ms prefill + 10 ms decode for seq 1, then 2 steps at width 2
+    assert finishes[2] == pytest.approx(3 * 20 + 2 * 12)
+
+
+def test_fit_budget_alone_matches_the_deadline() -> None:
+    board = Board({"f:q8_0": VariantLoad(profile(), parallel=4)})
+    fit = fit_budget(board, "f:q8_0", prompt_tokens=20, cap=1000, minimum=4, available_ms=520)
+    assert fit is not None
+    assert fit.tokens == 51  # 20 ms prefill + 50 steps of 10 ms
+    assert fit.start_ms == 0.0 and fit.finish_ms == pytest.approx(520)
+
+
+def test_fit_budget_without_deadline_takes_the_cap() -> None:
+    board = Board({"f:q8_0": VariantLoad(profile(), parallel=4)})
+    fit = fit_budget(board, "f:q8_0", 20, cap=64, minimum=4, available_ms=math.inf)
+    assert fit is not None and fit.tokens == 64
+
+
+def test_fit_budget_protects_admitted_deadlines() -> None:
+    # One sequence runs with 100 tokens left and 1600 ms: alone it needs 1000 ms. Joining slows
+    # every step to 12 ms, so the newcomer may only join for a while.
+    board = Board({"f:q8_0": VariantLoad(profile(), parallel=4)},
+                  (SeqLoad(1, "f:q8_0", tokens_left=100, context=10, deadline_ms=1100),))
+    fit = fit_budget(board, "f:q8_0", 10, cap=500, minimum=4, available_ms=10_000)
+    assert fit is not None
+    assert fit.blocked_by == "requests already running"
+    finishes = board.finishes([SeqLoad(-1, "f:q8_0", fit.tokens, prompt_left=10, running=False)])
+    assert finishes[1] <= 1100
+    too_many = board.finishes([SeqLoad(-1, "f:q8_0", fit.tokens + 1, prompt_left=10, running=False)])
+    assert too_many[1] > 1100
+
+
+def test_fit_budget_refuses_when_nothing_fits() -> None:
+    board = Board({"f:q8_0": VariantLoad(profile(), parallel=1)},
+                  (SeqLoad(1, "f:q8_0", tokens_left=100, context=10, deadline_ms=5000),))
+    assert fit_budget(board, "f:q8_0", 10, cap=50, minimum=16, available_ms=500) is None
+
+
+def test_a_late_sequence_does_not_block_newcomers() -> None:
+    board = Board({"f:q8_0": VariantLoad(profile(), parallel=4)},
+                  (SeqLoad(1, "f:q8_0", tokens_left=100, context=10, deadline_ms=10),))
+    fit = fit_budget(board, "f:q8_0", 10, cap=50, minimum=4, available_ms=10_000)
+    assert fit is not None and fit.tokens == 50
+
+
+def test_timeline_rejects_unknown_variant() -> None:
+    with pytest.raises(KeyError):
+        Timeline({}).add(SeqLoad(1, "nope", 1))
+
+
+# ---- the policy on a board ------------------------------------------------------------------
+
+def _board_of(candidates: list, parallel: int = 4, sequences: tuple[SeqLoad, ...] = ()) -> Board:  # type: ignore[type-arg]
+    return Board({c.variant_id: VariantLoad(c.profile, parallel) for c in candidates}, sequences)
+
+
+def test_choose_on_an_empty_board_matches_the_unbatched_choice(simple_policy, fast_slow) -> None:  # type: ignore[no-untyped-def]
+    from edgeserve.routing.policy import Decision, RoutingRequest, choose
+
+    request = RoutingRequest(prompt_tokens=10, requested_max_tokens=400, deadline_ms=6000)
+    plain = choose(request, fast_slow, simple_policy, 0.0)
+    batched = choose(request, fast_slow, simple_policy, 0.0, _board_of(fast_slow))
+    assert isinstance(plain, Decision) and isinstance(batched, Decision)
+    assert (batched.variant_id, batched.max_tokens) == (plain.variant_id, plain.max_tokens)
+    assert batched.queue_wait_ms == 0.0
+
+
+def test_choose_moves_to_the_variant_that_keeps_everyone_on_time(simple_policy, fast_slow) -> None:  # type: ignore[no-untyped-def]
+    from edgeserve.routing.policy import Decision, RoutingRequest, choose
+
+    # slow is full (parallel 1) with a sequence that needs 4.5 s of its 5 s: the newcomer goes to
+    # fast at once, for no more than the 0.5 s the running one can spare (one CPU runs both)
+    busy = (SeqLoad(1, "fam:slow", tokens_left=150, context=10, deadline_ms=5000),)
+    board = _board_of(fast_slow, parallel=1, sequences=busy)
+    request = RoutingRequest(prompt_tokens=10, requested_max_tokens=200, deadline_ms=3000)
+    decision = choose(request, fast_slow, simple_policy, 0.0, board)
+    assert isinstance(decision, Decision)
+    assert decision.variant_name == "fast"
+    assert decision.max_tokens == 50
+    assert "capped by requests already running" in decision.reason
+    assert decision.predicted_ms + decision.queue_wait_ms <= 3000
+
+
+def test_choose_refuses_when_joining_would_make_others_miss(simple_policy, fast_slow) -> None:  # type: ignore[no-untyped-def]
+    from edgeserve.routing.policy import Refusal, RoutingRequest, choose
+
+    slow_only = [fast_slow[1]]
+    busy = (SeqLoad(1, "fam:slow", tokens_left=100, context=10, deadline_ms=3000),)
+    board = _board_of(slow_only, parallel=1, sequences=busy)
+    request = RoutingRequest(prompt_tokens=10, requested_max_tokens=200, deadline_ms=2000)
+    refusal = choose(request, slow_only, simple_policy, 0.0, board)
+    assert isinstance(refusal, Refusal)
+    assert refusal.code == "deadline_infeasible"
+    assert "already admitted" in refusal.reason
+    assert refusal.retry_after_s == 3
