@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from edgeserve.cachedir import ensure_writable
 from edgeserve.config import (
@@ -17,6 +19,7 @@ from edgeserve.config import (
     default_cache_dir,
     default_models_path,
     load_models_file,
+    load_policy,
 )
 from edgeserve.errors import EdgeserveError
 from edgeserve.routing.policy_file import PolicyFile
@@ -43,11 +46,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="where prepared models go (env EDGESERVE_CACHE_DIR)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeserve", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="serve the configured models over the OpenAI API")
+def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     _add_common(serve)
     serve.add_argument("--host", default=os.environ.get("EDGESERVE_HOST", "127.0.0.1"),
                        help="bind address (env EDGESERVE_HOST; default 127.0.0.1)")
@@ -92,11 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve /metrics without a key (env EDGESERVE_METRICS_PUBLIC=1); /health and /ready "
                             "are always open")
 
-    calibrate = commands.add_parser("calibrate", help="measure every variant's costs on this board")
+
+def _calibrate_arguments(calibrate: argparse.ArgumentParser) -> None:
     _add_common(calibrate)
     calibrate.add_argument("--quick", action="store_true", help="fewer points (what serve does)")
 
-    models = commands.add_parser("models", help="manage model files")
+
+def _models_arguments(models: argparse.ArgumentParser) -> None:
     models_commands = models.add_subparsers(dest="models_command", required=True)
     prepare = models_commands.add_parser(
         "prepare", help="derive the configured quantizations (or those of --from FILE) and cache them")
@@ -106,60 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--family", help="family name for --from (for example llama31-8b)")
     prepare.add_argument("--quants", default="Q2_K,Q8_0", help="comma-separated, for --from")
 
-    from edgeserve.bench import add_bench_parser
-    from edgeserve.eval.cli import add_eval_parser
-    from edgeserve.loadtest import add_loadtest_parser
-    from edgeserve.routing_bench import add_routing_bench_parser
-    from edgeserve.simulate import add_simulate_parser
-
-    add_simulate_parser(commands)
-    add_eval_parser(commands)
-    add_routing_bench_parser(commands)
-    add_bench_parser(commands)
-    add_loadtest_parser(commands)
-
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "models":
-            return _prepare(args)
-        if args.command == "calibrate":
-            return asyncio.run(_calibrate(args))
-        if args.command == "eval":
-            from edgeserve.eval.cli import run_eval
-
-            return run_eval(args)
-        if args.command == "loadtest":
-            from edgeserve.loadtest import run_loadtest
-
-            return run_loadtest(args)
-        if args.command == "bench":
-            from edgeserve.bench import run_bench
-
-            return run_bench(args)
-        if args.command == "bench-routing":
-            from edgeserve.routing_bench import run_routing_bench
-
-            return run_routing_bench(args)
-        if args.command == "simulate":
-            from edgeserve.simulate import run_simulate
-
-            return run_simulate(args)
-    except EdgeserveError as exc:
-        print(f"edgeserve: {exc.message}", file=sys.stderr)
-        return 2
-    return 1
-
 
 def _load_policy(given: Path | None, models_path: Path) -> tuple[PolicyFile, str]:
     """The policy named, else policies/default.toml beside models.toml, else the built-in one."""
     from edgeserve.routing.policy_file import default_policy
-    from edgeserve.simulate import load_policy
 
     if given is not None:
         return load_policy(given), str(given)
@@ -167,6 +118,10 @@ def _load_policy(given: Path | None, models_path: Path) -> tuple[PolicyFile, str
     if beside.is_file():
         return load_policy(beside), str(beside)
     return default_policy(), "built-in (no quality curves)"
+
+
+def _calibrate_command(args: argparse.Namespace) -> int:
+    return asyncio.run(_calibrate(args))
 
 
 async def _calibrate(args: argparse.Namespace) -> int:
@@ -301,6 +256,93 @@ def _api_keys(args: argparse.Namespace, host: str, log: Any) -> tuple[str, ...]:
         log.info("auth", api_keys=len(keys),
                  open_paths="/health, /ready" + (", /metrics" if args.metrics_public else ""))
     return keys
+
+
+# ---- the subcommands: one table ------------------------------------------------------------------
+# A tool's arguments and handler are "module:function" strings, imported only when its subcommand is
+# parsed or run: building the parser, and `edgeserve serve`, import nothing from edgeserve.tools.
+
+Arguments = Callable[[argparse.ArgumentParser], None]
+Handler = Callable[[argparse.Namespace], int]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    arguments: Arguments | str  # adds the subcommand's arguments to its parser
+    run: Handler | str  # runs it; returns the exit code
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("serve", "serve the configured models over the OpenAI API", _serve_arguments, _serve),
+    Command("calibrate", "measure every variant's costs on this board", _calibrate_arguments, _calibrate_command),
+    Command("models", "manage model files", _models_arguments, _prepare),
+    Command("simulate", "replay a trace through the routing policy and a simulated queue (no models)",
+            "edgeserve.tools.simulate:add_simulate_arguments", "edgeserve.tools.simulate:run_simulate"),
+    Command("eval", "evaluate a running edgeserve (GSM8K accuracy under deadlines, quality sweeps)",
+            "edgeserve.tools.eval.cli:add_eval_arguments", "edgeserve.tools.eval.cli:run_eval"),
+    Command("bench-routing", "measure the deadline router on a real server: prediction error, deadlines met",
+            "edgeserve.tools.routing_bench:add_routing_bench_arguments",
+            "edgeserve.tools.routing_bench:run_routing_bench"),
+    Command("bench", "decode tok/s and TTFT: in-process llama-cpp-python vs edgeserve vs llama_cpp.server, "
+                     "interleaved",
+            "edgeserve.tools.bench:add_bench_arguments", "edgeserve.tools.bench:run_bench"),
+    Command("loadtest", "Locust scenarios (steady, overload, burst) against edgeserve and llama_cpp.server, "
+                        "side by side",
+            "edgeserve.tools.loadtest:add_loadtest_arguments", "edgeserve.tools.loadtest:run_loadtest"),
+)
+
+
+def _resolve(ref: _F | str) -> _F:
+    """A function, or the one a "module:function" string names (importing its module)."""
+    if not isinstance(ref, str):
+        return ref
+    module, _, name = ref.partition(":")
+    return cast(_F, getattr(importlib.import_module(module), name))
+
+
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand's parser that gets its arguments when it is first used (parsed, or its help or
+    usage shown), so that only the subcommand that runs has its module imported."""
+
+    pending: Arguments | str | None = None
+
+    def _complete(self) -> None:
+        if self.pending is not None:
+            add, self.pending = self.pending, None
+            _resolve(add)(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
+    for command in COMMANDS:
+        commands.add_parser(command.name, help=command.help).pending = command.arguments
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run = next(c.run for c in COMMANDS if c.name == args.command)
+    try:
+        return _resolve(run)(args)
+    except EdgeserveError as exc:
+        print(f"edgeserve: {exc.message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import msgspec
 import platformdirs
 
 from edgeserve.errors import ConfigError
+from edgeserve.routing.policy_file import PolicyFile, parse_policy
 
 PACKAGE_SCHEME = "package://"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
@@ -151,6 +152,15 @@ def _check_remote(where: str, variant: VariantConfig) -> None:
                           f"OpenAI-compatible API such as http://10.0.0.2:8000/v1 (got {variant.base_url!r})")
     if variant.api_key_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", variant.api_key_env):
         raise ConfigError(f"{where}.api_key_env: {variant.api_key_env!r} is not an environment variable name")
+
+
+def load_policy(path: Path) -> PolicyFile:
+    """Read and validate a policy file (the parsing is edgeserve.routing.policy_file's, on bytes)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read policy file {path}: {exc.strerror or exc}") from exc
+    return parse_policy(raw, str(path))
 
 
 def resolve_path(base: Path, value: str) -> Path:

@@ -1,6 +1,6 @@
 """Deadline-carrying chat completions with GSM8K questions, on an open-loop arrival plan.
 
-Every request comes from a plan made before the run (edgeserve.loadplan): Poisson arrivals at a
+Every request comes from a plan made before the run (edgeserve.tools.loadplan): Poisson arrivals at a
 scenario's rate, each with a deadline class. A pool of users takes the next planned arrival,
 sleeps until its moment and sends it, so the offered load does not slow down when the server
 does (a closed loop would hide overload). Each response is reported to Locust as its outcome —
@@ -35,7 +35,7 @@ import requests
 from locust import User, events, task
 from locust.env import Environment
 
-from edgeserve.loadplan import Arrival, Event, classify, load_scenarios, plan_arrivals
+from edgeserve.tools.loadplan import Arrival, Event, classify, load_scenarios, plan_arrivals
 
 HERE = Path(__file__).resolve().parent
 LEAD_S = 0.5  # the plan starts this long after the test does, so every user is spawned by then

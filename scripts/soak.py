@@ -1,8 +1,8 @@
-"""Soak test (issue 8), on demand, not in CI: see edgeserve/soak/run.py and docs/benchmarks.md."""
+"""Soak test (issue 8), on demand, not in CI: see edgeserve/tools/soak/run.py and docs/benchmarks.md."""
 
 import sys
 
-from edgeserve.soak.run import main
+from edgeserve.tools.soak.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

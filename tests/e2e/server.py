@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgeserve.processes import free_port, server_process
+from edgeserve.tools.processes import free_port, server_process
 
 
 @contextmanager

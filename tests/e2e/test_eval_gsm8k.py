@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeserve.eval.cli import main
 from edgeserve.routing.policy_file import parse_policy
+from edgeserve.tools.eval.cli import main
 from tests.e2e.conftest import Server
 
 pytestmark = pytest.mark.e2e

@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgeserve.processes import free_port, server_process
 from edgeserve.runtime.faults import FAULT_MARKER_ENV
 from edgeserve.runtime.prepare import PreparedVariant
+from edgeserve.tools.processes import free_port, server_process
 from tests.e2e.conftest import FAMILY, MODELS_TOML, STARTUP_TIMEOUT_S, Server
 
 pytestmark = pytest.mark.e2e

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edgeserve.processes import RunningServer, free_port, server_process
 from edgeserve.runtime.prepare import PreparedVariant
+from edgeserve.tools.processes import RunningServer, free_port, server_process
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeserve.loadplan import OUTCOMES, read_events
+from edgeserve.tools.loadplan import OUTCOMES, read_events
 from tests.e2e.conftest import Server
 
 pytestmark = pytest.mark.e2e
@@ -50,7 +50,7 @@ def run(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Path:
     scenarios.write_text(SCENARIOS)
     out = work / "out"
     completed = subprocess.run(
-        [sys.executable, "-m", "edgeserve.loadtest", "--url", server.base, "--no-baseline",
+        [sys.executable, "-m", "edgeserve.tools.loadtest", "--url", server.base, "--no-baseline",
          "--scenario", "classes", "--scenarios", str(scenarios), "--questions", str(questions),
          "--run-time", f"{RUN_S}s", "--max-tokens", "24", "--seed", "3", "--out", str(out)],
         capture_output=True, text=True, timeout=240)

@@ -18,10 +18,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgeserve.config import VariantConfig
-from edgeserve.processes import free_port, server_process
 from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.remote import RemoteRequest, RemoteVariant
 from edgeserve.runtime.runner import GenerationJob, SamplingParams
+from edgeserve.tools.processes import free_port, server_process
 from tests.e2e.conftest import STARTUP_TIMEOUT_S
 from tests.e2e.server import running_server
 

@@ -10,7 +10,7 @@ import pytest
 from edgeserve.routing.costs import CostProfile
 from edgeserve.routing.policy import VariantCandidate
 from edgeserve.routing.policy_file import PolicyFile, parse_policy
-from edgeserve.simulate import candidates_from
+from edgeserve.tools.simulate import candidates_from
 
 ROOT = Path(__file__).resolve().parents[3]
 POLICIES = ROOT / "policies"

@@ -7,6 +7,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from edgeserve.cli import build_parser
 from edgeserve.routing.costs import predict_ms
 from edgeserve.routing.policy import Decision, RoutingRequest, VariantCandidate, choose
 from edgeserve.routing.policy_file import PolicyFile
@@ -19,7 +20,7 @@ from edgeserve.routing.simulator import (
     simulate,
     sweep_trace,
 )
-from edgeserve.simulate import add_simulate_parser, main, run_simulate
+from edgeserve.tools.simulate import main, run_simulate
 from tests.unit.routing.conftest import POLICIES
 
 PROMPT = 150
@@ -163,9 +164,7 @@ def test_range_covers_first_feasible_to_full_budget(
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_simulate_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["simulate", *argv])
+    return build_parser().parse_args(["simulate", *argv])
 
 
 STUDY = ["--policy", str(POLICIES / "llama31-8b-rk3568.toml"),
