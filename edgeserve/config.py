@@ -11,7 +11,7 @@ import msgspec
 import platformdirs
 
 from edgeserve.errors import ConfigError
-from edgeserve.routing.policy_file import PolicyFile, parse_policy
+from edgeserve.routing.policy_file import load_policy as load_policy  # one reader of policy files
 
 PACKAGE_SCHEME = "package://"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
@@ -49,7 +49,11 @@ class VariantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
 
 
 class FamilyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """A model family: its variants answer the same questions at different cost and quality."""
+    """A model family: its variants answer the same questions at different cost and quality.
+
+    `policy` names the family's policy file (quality curves of THIS family's variants), relative
+    to models.toml like `path`; without it, ``policies/<name>.toml`` beside models.toml is used if
+    it exists (see ``edgeserve.routing.policy_file.load_family_policies``)."""
 
     name: Name
     variants: list[VariantConfig]
@@ -57,6 +61,7 @@ class FamilyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     source: str | None = None
     source_sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
     source_quant: str | None = None
+    policy: Annotated[str, msgspec.Meta(min_length=1)] | None = None
 
     def variant(self, name: str) -> VariantConfig | None:
         return next((v for v in self.variants if v.name == name), None)
@@ -152,15 +157,6 @@ def _check_remote(where: str, variant: VariantConfig) -> None:
                           f"OpenAI-compatible API such as http://10.0.0.2:8000/v1 (got {variant.base_url!r})")
     if variant.api_key_env is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", variant.api_key_env):
         raise ConfigError(f"{where}.api_key_env: {variant.api_key_env!r} is not an environment variable name")
-
-
-def load_policy(path: Path) -> PolicyFile:
-    """Read and validate a policy file (the parsing is edgeserve.routing.policy_file's, on bytes)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read policy file {path}: {exc.strerror or exc}") from exc
-    return parse_policy(raw, str(path))
 
 
 def resolve_path(base: Path, value: str) -> Path:

@@ -326,7 +326,7 @@ def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--locustfile", type=Path, default=LOADTESTS / "locustfile.py")
     p.add_argument("--models", type=Path, default=default_models_path(), help="models file (env EDGESERVE_MODELS)")
     p.add_argument("--policy", type=Path, default=None,
-                   help="edgeserve's routing policy (default: policies/default.toml beside the models file)")
+                   help="edgeserve's routing policy (default: each family's own, see models.toml)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="env EDGESERVE_CACHE_DIR")
 
 

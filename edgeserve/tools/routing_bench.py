@@ -48,11 +48,11 @@ from typing import Any
 import httpx
 import msgspec
 
-from edgeserve.config import default_cache_dir, default_models_path, load_models_file, load_policy
+from edgeserve.config import default_cache_dir, default_models_path, load_models_file
 from edgeserve.errors import EdgeserveError
 from edgeserve.routing.costs import CostProfile, decode_steps_ms, predict_ms, prefill_ms
 from edgeserve.routing.policy import RoutingRequest, VariantCandidate, choose, format_ms
-from edgeserve.routing.policy_file import PolicyFile
+from edgeserve.routing.policy_file import PolicyFile, load_policy
 from edgeserve.routing.simulator import crossover_deadline
 from edgeserve.runtime.calibrate import host_name
 from edgeserve.tools.processes import free_port, server_process
@@ -710,8 +710,8 @@ def add_routing_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="models file (env EDGESERVE_MODELS; default ./models.toml)")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                         help="the server's cache dir: prepared models and cost profiles")
-    parser.add_argument("--policy", type=Path, default=Path("policies/default.toml"),
-                        help="routing policy of the server (default policies/default.toml)")
+    parser.add_argument("--policy", type=Path, default=Path("policies/smollm2-135m.toml"),
+                        help="routing policy of the server (default policies/smollm2-135m.toml)")
     parser.add_argument("--model", default=None, help="model field of the requests "
                         "(default: the first family of the models file)")
     parser.add_argument("--study-policy", type=Path, default=Path("policies/llama31-8b-rk3568.toml"))

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import msgspec
 
-from edgeserve.config import load_policy
 from edgeserve.errors import ConfigError, EdgeserveError
 from edgeserve.routing.costs import CostProfile
 from edgeserve.routing.policy import VariantCandidate, format_ms, uncovered_variants
+from edgeserve.routing.policy_file import load_policy
 from edgeserve.routing.simulator import (
     Arrival,
     SimulationResult,

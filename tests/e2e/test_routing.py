@@ -107,7 +107,7 @@ def test_a_pinned_variant_keeps_its_pin_but_its_budget_is_capped(server: Server)
 
 
 def test_a_loose_deadline_picks_a_variant_the_quality_curves_favour(server: Server) -> None:
-    """policies/default.toml ranks q4_1 = q8_0 above q2_k at every budget."""
+    """policies/smollm2-135m.toml ranks q4_1 = q8_0 above q2_k at every budget."""
     response = post(server, {"X-Deadline-Ms": "120000"}, max_tokens=8)
     assert response.status_code == 200, response.text
     assert response.json()["edgeserve"]["variant"] in (f"{FAMILY}:q4_1", f"{FAMILY}:q8_0")

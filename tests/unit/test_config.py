@@ -8,6 +8,7 @@ import pytest
 
 from edgeserve.config import ModelsFile, load_models_file, resolve_path
 from edgeserve.errors import ConfigError
+from edgeserve.routing.policy_file import load_family_policies
 
 FAMILY = """
 [[families]]
@@ -49,11 +50,13 @@ def test_shipped_models_file_loads(models_file: ModelsFile) -> None:
     assert family.default.name == "q4_1"
     assert family.variant("q8_0") is not None
     assert family.variant("nope") is None
+    assert family.policy == "policies/smollm2-135m.toml"
 
 
 def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
     models = load_text(tmp_path, FAMILY + VARIANT)
     (family,) = models.families
+    assert family.policy is None
     (variant,) = family.variants
     assert variant.n_ctx == 2048
     assert variant.n_batch == 512
@@ -218,3 +221,32 @@ def test_a_remote_variant_needs_no_file_and_is_not_prepared(tmp_path: Path) -> N
 def test_bad_remote_variants_are_explained(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_text(tmp_path, text)
+
+
+def test_each_family_names_its_own_policy_file(tmp_path: Path) -> None:
+    """Two families, each with a q8_0, each with its own policy (relative to models.toml)."""
+    second = FAMILY.replace('"fam"', '"fam-b"') + 'policy = "/srv/policies/b.toml"\n' + VARIANT
+    first = FAMILY + 'policy = "policies/fam.toml"\n' + VARIANT
+    q8 = '[[families.variants]]\nname = "q8_0"\nquant = "Q8_0"\n'
+    models = load_text(tmp_path, first + q8 + second + q8)
+    assert [(f.name, f.policy) for f in models.families] == [
+        ("fam", "policies/fam.toml"), ("fam-b", "/srv/policies/b.toml")]
+    assert resolve_path(tmp_path, "policies/fam.toml") == tmp_path.resolve() / "policies" / "fam.toml"
+
+
+def test_two_families_with_a_q8_0_get_their_own_curves() -> None:
+    """tests/data/models-two-families.toml: one family names its policy, the other's is found by
+    name beside the file; the same variant name reads a different curve in each."""
+    path = Path(__file__).resolve().parents[1] / "data" / "models-two-families.toml"
+    models = load_models_file(path)
+    assert [(f.name, f.policy) for f in models.families] == [
+        ("smollm2-135m", "../../policies/smollm2-135m.toml"), ("smollm2-135m-b", None)]
+    loaded = load_family_policies(models, path)
+    q8 = {name: policy.curves["q8_0"]["boxed"] for name, policy in loaded.policies.items()}
+    assert q8["smollm2-135m"] != q8["smollm2-135m-b"]
+    assert q8["smollm2-135m-b"].accuracy(512) == 0.30
+
+
+def test_an_empty_policy_path_is_rejected(tmp_path: Path) -> None:
+    message = config_error(tmp_path, FAMILY + 'policy = ""\n' + VARIANT)
+    assert "families[0].policy" in message

@@ -198,14 +198,26 @@ def _finish(args: argparse.Namespace, records: list[Any], family: str, failed: i
     if args.write_policy is not None:
         curves = curves_from_records(records)
         note = f"by edgeserve eval gsm8k on {time.strftime('%Y-%m-%d')} ({args.data.name})"
-        policy = write_policy(args.write_policy, curves, family or None, note)
-        print(f"wrote {len(curves)} curves to {args.write_policy} (policy {policy.name!r}): "
+        policy = write_policy(args.write_policy, curves, _sweep_family(records, family, args.out), note)
+        whose = f" of family {policy.family}" if policy.family else ""
+        print(f"wrote {len(curves)} curves{whose} to {args.write_policy} (policy {policy.name!r}): "
               + ", ".join(f"{m.variant}.{m.key}" for m in curves))
     _print_summary(records)
     if failed:
         print(f"edgeserve eval: {failed} requests failed (recorded; a rerun asks them again)", file=sys.stderr)
         return 1
     return 0
+
+
+def _sweep_family(records: list[Any], family: str, out: Path) -> str | None:
+    """The family whose curves the sweep measured: the family part of its records' `model` (a
+    pin is sent as family:variant), which must be one family (and the one asked, if any)."""
+    measured = sorted({r.model.split(":")[0] for r in records if r.mode == "sweep" and r.model})
+    if len(measured) > 1 or (measured and family and measured != [family]):
+        raise UsageError(f"--write-policy: the sweep results in {out} are from families "
+                         f"{', '.join(sorted({*measured, family} - {''}))}; a policy file holds the curves of one "
+                         "family (its variant names mean other models in another): use one --out per family")
+    return measured[0] if measured else (family or None)
 
 
 def _check_report_args(args: argparse.Namespace) -> tuple[str, str] | None:

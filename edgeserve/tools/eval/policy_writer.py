@@ -8,6 +8,10 @@ could not have changed any answer (with the hint on, a larger budget changes the
 Requests that failed (HTTP error, timeout) say nothing about the model and are left out of a curve
 (the report still counts them).
 
+A policy belongs to one model family (its curves are keyed by that family's variant names): the
+evaluated family is written into the file's ``family`` field (a new file, or one that names no
+family yet), and a file whose ``family`` names another family is refused, untouched.
+
 Updating a file keeps everything else in it: each curve table that is rewritten keeps its place,
 new ones go at the end, other tables and comments stay as they were. If the file defines curves in
 a shape this text edit cannot see (inline tables, dotted keys), the file is regenerated from its
@@ -183,9 +187,28 @@ def _curve_dict(curve: QualityCurve) -> dict[str, Any]:
     return data
 
 
-def regenerate(original: str, curves: Sequence[MeasuredCurve]) -> str:
-    """The file rebuilt from its parsed content with the curves set (comments are lost)."""
+def set_family(text: str, family: str) -> str:
+    """``text`` with a top-level ``family = "..."`` line: after the top-level ``name`` line if
+    there is one, else before the first table (the file has no ``family`` key yet)."""
+    lines = text.splitlines(keepends=True)
+    first_table = next((i for i, line in enumerate(lines) if line.lstrip().startswith("[")), len(lines))
+    name_line = next((i for i in range(first_table) if re.match(r"^\s*name\s*=", lines[i])), None)
+    at = first_table if name_line is None else name_line + 1
+    if name_line is None:
+        while at > 0 and _is_comment_or_blank(lines[at - 1]) and lines[at - 1].strip():
+            at -= 1  # keep the comments just above the first table with it
+    if at > 0 and not lines[at - 1].endswith("\n"):
+        lines[at - 1] += "\n"
+    lines.insert(at, f"family = {_value(family)}\n")
+    return "".join(lines)
+
+
+def regenerate(original: str, curves: Sequence[MeasuredCurve], family: str | None = None) -> str:
+    """The file rebuilt from its parsed content with the curves (and ``family``, when given) set
+    (comments are lost)."""
     data = tomllib.loads(original)
+    if family is not None:
+        data["family"] = family  # dump_toml writes the top-level keys before the tables
     by_variant = data.setdefault("curves", {})
     for m in curves:
         by_variant.setdefault(m.variant, {})[m.key] = _curve_dict(m.curve)
@@ -204,11 +227,14 @@ def new_policy_text(name: str, family: str | None, curves: Sequence[MeasuredCurv
 
 
 def _check(text: str, source: str, curves: Sequence[MeasuredCurve],
-           before: PolicyFile | None) -> PolicyFile | None:
-    """The parsed policy if ``text`` is valid and holds exactly the intended curves, else None."""
+           before: PolicyFile | None, family: str | None = None) -> PolicyFile | None:
+    """The parsed policy if ``text`` is valid and holds exactly the intended curves (and family),
+    else None."""
     try:
         policy = parse_policy(text.encode(), source)
     except ConfigError:
+        return None
+    if policy.family != (family or (before.family if before is not None else None)):
         return None
     for m in curves:
         if policy.curves.get(m.variant, {}).get(m.key) != m.curve:
@@ -223,13 +249,15 @@ def _check(text: str, source: str, curves: Sequence[MeasuredCurve],
 
 
 def policy_text(path: Path, curves: Sequence[MeasuredCurve], family: str | None, note: str) -> str:
-    """The new content of the policy file at ``path`` (new or updated), validated."""
+    """The new content of the policy file at ``path`` (new or updated), validated. ``family`` is
+    the evaluated model family (None when unknown): written into the file's ``family`` field, and
+    a file that belongs to another family is refused."""
     if not curves:
         raise PolicyWriteError("the sweep measured no curve to write (no answered sweep request)")
     source = str(path)
     if not path.exists():
         text = new_policy_text(path.stem, family, curves, note)
-        if _check(text, source, curves, None) is None:
+        if _check(text, source, curves, None, family) is None:
             parse_policy(text.encode(), source)  # raises with the reason
             raise PolicyWriteError(f"{path}: the generated policy does not hold the measured curves")
         return text
@@ -238,16 +266,26 @@ def policy_text(path: Path, curves: Sequence[MeasuredCurve], family: str | None,
         before = parse_policy(original.encode(), source)
     except ConfigError as exc:
         raise PolicyWriteError(f"{path} is not a valid policy file, not touching it: {exc.message}") from exc
+    if family is not None and before.family is not None and before.family != family:
+        raise PolicyWriteError(
+            f"{path} is the policy of family '{before.family}', not touching it: these curves were measured "
+            f"on family '{family}' (its variant names mean other models there); write them to "
+            f"policies/{family}.toml or the file models.toml names as the `policy` of '{family}'"
+        )
+    new_family = family if before.family is None else None
     text = update_text(original, curves, note)
-    if _check(text, source, curves, before) is None:
-        text = regenerate(original, curves)
-        if _check(text, source, curves, before) is None:
+    if new_family is not None:
+        text = set_family(text, new_family)
+    if _check(text, source, curves, before, new_family) is None:
+        text = regenerate(original, curves, new_family)
+        if _check(text, source, curves, before, new_family) is None:
             raise PolicyWriteError(f"{path}: could not write the curves without changing the rest of the file")
     return text
 
 
 def write_policy(path: Path, curves: Sequence[MeasuredCurve], family: str | None, note: str) -> PolicyFile:
-    """Write (or update) the policy file atomically; returns the policy as the server will read it."""
+    """Write (or update) the policy file of ``family`` atomically; returns the policy as the server
+    will read it. A file that names another family is a PolicyWriteError and stays as it was."""
     text = policy_text(path, curves, family, note)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")

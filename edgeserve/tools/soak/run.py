@@ -39,7 +39,7 @@ SETTLE_TIMEOUT_S = 120.0
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=ROOT / "models.toml")
-    parser.add_argument("--policy", type=Path, default=ROOT / "policies" / "default.toml")
+    parser.add_argument("--policy", type=Path, default=ROOT / "policies" / "smollm2-135m.toml")
     parser.add_argument("--cache-dir", type=Path, required=True, help="prepared models and profiles")
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of load, warm-up included")
     parser.add_argument("--warmup", type=float, default=60.0, help="seconds of load before the baseline")

@@ -8,7 +8,7 @@ import pytest
 
 from edgeserve.cli import build_parser
 from edgeserve.tools.eval.cli import main, run_eval
-from edgeserve.tools.eval.records import ResultsWriter
+from edgeserve.tools.eval.records import AnswerRecord, ResultsWriter
 from tests.unit.tools.eval.helpers import record
 
 
@@ -52,3 +52,40 @@ def test_report_only_rewrites_the_report(tmp_path: Path) -> None:
     assert main(["gsm8k", "--data", "unused.jsonl", "--out", str(out), "--report-only"]) == 0
     assert {p.name for p in out.iterdir()} >= {"report.md", "summary.csv", "accuracy_vs_deadline.png"}
     assert main(["gsm8k", "--data", "unused.jsonl", "--out", str(tmp_path / "empty"), "--report-only"]) == 2
+
+
+def _sweep_record(model: str, index: int = 0) -> AnswerRecord:
+    variant = model.partition(":")[2]
+    return record(index=index, mode="sweep", policy=f"pin:{variant}", model=model, variant=model,
+                  deadline_ms=None, budget=32, correct=True)
+
+
+def test_write_policy_names_the_swept_family_in_the_file(tmp_path: Path) -> None:
+    out, policy = tmp_path / "out", tmp_path / "policies" / "fam.toml"
+    with ResultsWriter(out / "results.jsonl") as writer:
+        writer.write(_sweep_record("fam:q8_0"))  # a pin: family:variant
+    args = ["gsm8k", "--data", "unused.jsonl", "--out", str(out), "--report-only", "--write-policy", str(policy)]
+    assert main(args) == 0
+    assert 'family = "fam"' in policy.read_text()
+
+
+def test_write_policy_refuses_a_sweep_of_two_families(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, policy = tmp_path / "out", tmp_path / "p.toml"
+    with ResultsWriter(out / "results.jsonl") as writer:
+        writer.write(_sweep_record("fam:q8_0"))
+        writer.write(_sweep_record("other:q8_0", index=1))
+    args = ["gsm8k", "--data", "unused.jsonl", "--out", str(out), "--report-only", "--write-policy", str(policy)]
+    assert main(args) == 2
+    assert "from families fam, other" in capsys.readouterr().err
+    assert not policy.exists()
+
+
+def test_write_policy_refuses_another_family_s_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, policy = tmp_path / "out", tmp_path / "p.toml"
+    policy.write_text('name = "p"\nfamily = "other"\n')
+    with ResultsWriter(out / "results.jsonl") as writer:
+        writer.write(_sweep_record("fam:q8_0"))
+    args = ["gsm8k", "--data", "unused.jsonl", "--out", str(out), "--report-only", "--write-policy", str(policy)]
+    assert main(args) == 2
+    assert "is the policy of family 'other'" in capsys.readouterr().err
+    assert policy.read_text() == 'name = "p"\nfamily = "other"\n'

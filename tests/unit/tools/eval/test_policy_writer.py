@@ -72,8 +72,8 @@ def _measured() -> list[MeasuredCurve]:
 
 
 def test_updating_the_default_policy_keeps_everything_else(tmp_path: Path) -> None:
-    path = tmp_path / "default.toml"
-    shutil.copy(ROOT / "policies" / "default.toml", path)
+    path = tmp_path / "smollm2-135m.toml"
+    shutil.copy(ROOT / "policies" / "smollm2-135m.toml", path)
     before = parse_policy(path.read_bytes(), str(path))
     original = path.read_text()
     policy = write_policy(path, _measured(), "smollm2-135m", NOTE)
@@ -114,6 +114,43 @@ def test_curves_written_as_inline_tables_are_regenerated(tmp_path: Path) -> None
     assert policy.curves["q8_0"]["boxed"] == _measured()[0].curve
     assert policy.curves["q8_0"]["aav"] == make_curve([10], [0.4])
     assert policy.name == "inline"
+
+
+def test_the_family_is_written_into_a_file_that_names_none(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    original = ('# a hand-written policy\nname = "mine"  # keep me\ndescription = "d"\n\n'
+                "# the routing knobs\n[routing]\nmin_useful_tokens = 8\n")
+    path.write_text(original)
+    policy = write_policy(path, _measured(), "smollm2-135m", NOTE)
+    assert policy.family == "smollm2-135m" and policy.routing.min_useful_tokens == 8
+    text = path.read_text()
+    assert text.startswith('# a hand-written policy\nname = "mine"  # keep me\nfamily = "smollm2-135m"\n'
+                           'description = "d"\n\n# the routing knobs\n[routing]\n')
+    assert text.count("family =") == 1
+    write_policy(path, _measured(), "smollm2-135m", NOTE)  # the same family again: fine, once
+    assert path.read_text().count("family =") == 1
+
+
+def test_a_regenerated_file_gets_the_family_too(tmp_path: Path) -> None:
+    path = tmp_path / "inline.toml"
+    path.write_text('"name" = "inline"\n\n[curves.q8_0]\nboxed = { budgets = [10], accuracy = [0.5] }\n')
+    policy = write_policy(path, _measured()[:1], "fam", NOTE)
+    assert (policy.name, policy.family) == ("inline", "fam")
+    assert policy.curves["q8_0"]["boxed"] == _measured()[0].curve
+    assert parse_policy(path.read_bytes(), str(path)).family == "fam"
+
+
+def test_curves_of_one_family_are_not_written_into_another_family_s_file(tmp_path: Path) -> None:
+    path = tmp_path / "smollm2-135m.toml"
+    shutil.copy(ROOT / "policies" / "smollm2-135m.toml", path)
+    original = path.read_text()
+    with pytest.raises(PolicyWriteError) as info:
+        write_policy(path, _measured(), "llama31-8b", NOTE)
+    message = info.value.message
+    assert "family 'smollm2-135m'" in message and "family 'llama31-8b'" in message
+    assert "policies/llama31-8b.toml" in message
+    assert path.read_text() == original  # untouched
+    assert write_policy(path, _measured(), None, NOTE).family == "smollm2-135m"  # family unknown: kept
 
 
 def test_an_invalid_policy_file_is_not_touched(tmp_path: Path) -> None:
