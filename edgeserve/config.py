@@ -1,9 +1,11 @@
-"""models.toml and server settings as msgspec Structs; a bad file fails naming the file and field."""
+"""models.toml as msgspec Structs; a bad file fails naming the file and field. (The settings of
+`edgeserve serve` are edgeserve.settings.ServerSettings.)"""
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -165,20 +167,9 @@ def resolve_path(base: Path, value: str) -> Path:
     return candidate if candidate.is_absolute() else (base / candidate).resolve()
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("EDGESERVE_CACHE_DIR") or platformdirs.user_cache_dir("edgeserve"))
+def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    return Path(environ.get("EDGESERVE_CACHE_DIR") or platformdirs.user_cache_dir("edgeserve"))
 
 
-def default_models_path() -> Path:
-    return Path(os.environ.get("EDGESERVE_MODELS", "models.toml"))
-
-
-class ServerSettings(msgspec.Struct, kw_only=True, frozen=True):
-    """Settings of one `edgeserve serve`; passed down, never global."""
-
-    models_path: Path
-    cache_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 8080
-    slots: int = 1
-    log_format: str = "auto"
+def default_models_path(environ: Mapping[str, str] = os.environ) -> Path:
+    return Path(environ.get("EDGESERVE_MODELS", "models.toml"))

@@ -21,17 +21,18 @@ from litestar import Litestar
 
 from edgeserve.http.protocol import OpenAIErrorHTTPProtocol
 from edgeserve.logging import get_logger
+from edgeserve.pipeline import Pipeline
 from edgeserve.sdnotify import Notifier
-from edgeserve.service import Engine
+from edgeserve.startup import Startup
 
 log = get_logger("edgeserve")
 CUT_RESERVE_S = 2.0  # before the grace period ends, running generations are stopped
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: Engine, notifier: Notifier, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, pipeline: Pipeline, notifier: Notifier, grace_s: float) -> None:
         super().__init__(config)
-        self.engine = engine
+        self.pipeline = pipeline
         self.notifier = notifier
         self.grace_s = grace_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -51,48 +52,48 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Runs as the signal handler; it only schedules work on the event loop."""
-        if self.engine.draining or self._loop is None:
+        if self.pipeline.draining or self._loop is None:
             log.warning("stop_now", signal=sig, detail="second signal: exiting without waiting")
             os._exit(1)
-        self.engine.draining = True
+        self.pipeline.draining = True
         self._loop.call_soon_threadsafe(self._start_drain, sig)
 
     def _start_drain(self, sig: int) -> None:
         self._drain = asyncio.create_task(self._drain_then_exit(sig))
 
     async def _drain_then_exit(self, sig: int) -> None:
-        engine = self.engine
-        log.info("draining", signal=sig, in_flight=engine.in_flight, running=engine.scheduler.running,
-                 queued=engine.scheduler.queue_depth, grace_s=self.grace_s)
-        self.notifier.stopping(f"draining {engine.in_flight} requests")
+        pipeline = self.pipeline
+        log.info("draining", signal=sig, in_flight=pipeline.in_flight, running=pipeline.queue.running,
+                 queued=pipeline.queue.queue_depth, grace_s=self.grace_s)
+        self.notifier.stopping(f"draining {pipeline.in_flight} requests")
         deadline = time.monotonic() + self.grace_s
         cut_at = deadline - min(CUT_RESERVE_S, self.grace_s / 4)  # time for the cut responses to end
         if not await self._until_idle(cut_at):
-            stopped = engine.cut_short()
+            stopped = pipeline.cut_short()
             log.warning("grace_expiring", detail=f"stopping {stopped} running generations early",
-                        in_flight=engine.in_flight)
+                        in_flight=pipeline.in_flight)
             await self._until_idle(deadline)
-        log.info("stopping", unfinished=engine.in_flight)
+        log.info("stopping", unfinished=pipeline.in_flight)
         # What remains of the grace period lets the last responses reach their clients.
         self.config.timeout_graceful_shutdown = max(1, int(deadline - time.monotonic()))
         self.should_exit = True
 
     async def _until_idle(self, until: float) -> bool:
-        engine = self.engine
-        while engine.in_flight or engine.scheduler.running:
+        while not self.pipeline.idle:
             if time.monotonic() >= until:
                 return False
             await asyncio.sleep(0.05)
         return True
 
 
-def serve(engine: Engine, app: Litestar, host: str, port: int, notifier: Notifier, grace_s: float) -> int:
+def serve(pipeline: Pipeline, app: Litestar, startup: Startup, host: str, port: int, notifier: Notifier,
+          grace_s: float) -> int:
     """Serve until stopped; the exit code: 0, or 2 when the models could not be loaded."""
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                             log_level="warning", timeout_graceful_shutdown=int(grace_s),
                             http=OpenAIErrorHTTPProtocol)  # its parser errors in the OpenAI format
-    server = DrainingServer(config, engine, notifier, grace_s)
-    app.state.on_load_failed = server.fail
+    server = DrainingServer(config, pipeline, notifier, grace_s)
+    startup.on_failed = server.fail
     server.run()
     if server.failure is not None:
         log.error("exiting", detail=f"the models could not be loaded: {server.failure}")

@@ -1,8 +1,9 @@
 """Prometheus collectors for `GET /metrics`, one registry per app (so tests can build several).
 
-Counters and histograms are updated where a request ends (one call per request, next to its
-canonical log line); gauges — queue depth, loaded variants, their resident bytes and the live
-cost profiles — are read from the engine at scrape time, so nothing has to push them.
+Counters and histograms are updated from each request's CompletionRecord (one call per request,
+next to its canonical log line); gauges — queue depth, loaded variants, their resident bytes and
+the live cost profiles — are read from the variants and the CPU slots at scrape time, so nothing
+has to push them.
 """
 
 from __future__ import annotations
@@ -10,18 +11,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edgeserve.routing.costs import predict_ms
-from edgeserve.runtime.runner import GenerationResult
-from edgeserve.service import Admission, Engine
+from edgeserve.pipeline.record import OUTCOMES, CompletionRecord
+from edgeserve.runtime.catalog import Catalog
+from edgeserve.runtime.loader import ResidencyManager
 
-Outcome = Literal["met", "missed", "completed", "cancelled", "failed", "refused", "rejected"]
-OUTCOMES: tuple[Outcome, ...] = ("met", "missed", "completed", "cancelled", "failed", "refused", "rejected")
 NO_VARIANT = "none"  # the variant label of a request refused or rejected before routing chose one
 
 # From a 135M model on an x86 core (tens of ms) to an 8B one on an RK3568 (minutes per answer).
@@ -30,36 +29,12 @@ SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 RATIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 
 
-def outcome_of(result: GenerationResult | None, deadline_ms: int | None, total_ms: float,
-               failed: bool = False) -> Outcome:
-    """What came of an admitted request: met / missed its deadline (server-side: arrival to the
-    end of the response), completed (it had none), cancelled (the client left), or failed."""
-    if failed:
-        return "failed"
-    if result is None or result.finish == "cancelled":
-        return "cancelled"
-    if deadline_ms is None:
-        return "completed"
-    return "met" if total_ms <= deadline_ms else "missed"
+class SlotCounts(Protocol):
+    @property
+    def queue_depth(self) -> int: ...
 
-
-def prediction_error(admission: Admission, result: GenerationResult, engine: Engine) -> float | None:
-    """|predicted − actual| / actual of the generation's time in llama.cpp (prefill + decode).
-    The decision predicted its whole budget; a request that stopped early (end of sequence,
-    deadline) is judged on the tokens it really sampled: the prediction is rescaled by the live
-    cost profile's ratio between the two, as `edgeserve bench-routing` does."""
-    profile = admission.remote.profile if admission.remote is not None else engine.profiles.get(admission.variant_id)
-    actual = result.prompt_ms + result.predicted_ms
-    if profile is None or actual <= 0 or result.prompt_ms <= 0:
-        return None
-    prompt = len(admission.job.prompt_tokens)
-    whole = predict_ms(profile, prompt, admission.decision.max_tokens)
-    if whole <= 0:
-        return None
-    sampled = 1 + len(result.token_ms)  # the first token comes with the prefill
-    generation_ms = admission.decision.predicted_ms - admission.load_ms  # a load is not generation time
-    predicted = generation_ms * predict_ms(profile, prompt, sampled) / whole
-    return abs(predicted - actual) / actual
+    @property
+    def running(self) -> int: ...
 
 
 def mapped_rss_bytes(smaps: str, paths: Iterable[Path]) -> dict[Path, int]:
@@ -84,19 +59,20 @@ def _read_smaps() -> str:
     return ""
 
 
-class _EngineState(Collector):
-    """Gauges read from the engine whenever /metrics is scraped."""
+class _ServerState(Collector):
+    """Gauges read from the variants, the CPU slots and the memory budget whenever /metrics is
+    scraped."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, catalog: Catalog, slots: SlotCounts, residency: ResidencyManager | None) -> None:
+        self.catalog = catalog
+        self.slots = slots
+        self.residency = residency
 
     def collect(self) -> Iterator[Metric]:
-        engine = self.engine
         yield GaugeMetricFamily("edgeserve_queue_depth", "Requests waiting for a generation slot.",
-                                value=engine.scheduler.queue_depth)
+                                value=self.slots.queue_depth)
         yield GaugeMetricFamily("edgeserve_running_generations", "Generations running now.",
-                                value=engine.scheduler.running)
-        runners = engine.registry.runners
+                                value=self.slots.running)
         loaded = GaugeMetricFamily("edgeserve_variant_loaded", "1 when the variant is loaded.",
                                    labels=["variant"])
         resident = GaugeMetricFamily(
@@ -105,6 +81,7 @@ class _EngineState(Collector):
             labels=["variant"])
         size = GaugeMetricFamily("edgeserve_variant_file_bytes", "Size of the variant's GGUF file.",
                                  labels=["variant"])
+        runners = {str(vid): variant.runner for vid, variant in self.catalog.local.items()}
         paths = {variant_id: runner.path.resolve() for variant_id, runner in runners.items()}
         rss = mapped_rss_bytes(_read_smaps(), paths.values())
         for variant_id, runner in runners.items():
@@ -122,21 +99,18 @@ class _EngineState(Collector):
         up = GaugeMetricFamily("edgeserve_remote_up",
                                "1 when a remote variant is probed and its circuit is closed (routable).",
                                labels=["variant"])
-        profiles = dict(engine.profiles)
-        for variant_id, remote in engine.registry.remotes.items():
-            up.add_metric([variant_id], 1.0 if remote.available else 0.0)
-            if remote.profile is not None:
-                profiles[variant_id] = remote.profile
-        for variant_id, profile in profiles.items():
-            decode.add_metric([variant_id], profile.decode_ms_per_token)
-            prefill.add_metric([variant_id], profile.prefill_ms_per_token)
+        for vid, remote in self.catalog.remote.items():
+            up.add_metric([str(vid)], 1.0 if remote.available else 0.0)
+        for variant in self.catalog:
+            if variant.profile is not None:
+                decode.add_metric([str(variant.id)], variant.profile.decode_ms_per_token)
+                prefill.add_metric([str(variant.id)], variant.profile.prefill_ms_per_token)
         yield from (loaded, resident, size, decode, prefill, up)
-        yield from _residency_metrics(engine)
+        yield from _residency_metrics(self.residency)
 
 
-def _residency_metrics(engine: Engine) -> Iterator[Metric]:
+def _residency_metrics(manager: ResidencyManager | None) -> Iterator[Metric]:
     """The memory budget (issue 7) and how often variants were swapped in and out of it."""
-    manager = engine.residency
     if manager is None:
         return
     if manager.budget_bytes is not None:
@@ -152,11 +126,10 @@ def _residency_metrics(engine: Engine) -> Iterator[Metric]:
 
 
 class Metrics:
-    """The app's collectors. `finished` for every admitted request, `turned_away` for a request
-    refused (429) or rejected (other 4xx) before it ran."""
+    """The app's collectors; `observe` takes every request's CompletionRecord (one call per
+    request, next to its canonical log line)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, catalog: Catalog, slots: SlotCounts, residency: ResidencyManager | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("edgeserve_requests", "Requests by variant and outcome.",
@@ -179,34 +152,30 @@ class Metrics:
                                      ["variant"], registry=r)
         self.completion_tokens = Counter("edgeserve_completion_tokens", "Tokens generated.",
                                          ["variant"], registry=r)
-        r.register(_EngineState(engine))
+        r.register(_ServerState(catalog, slots, residency))
         for result in ("met", "missed"):
             self.deadline.labels(result)
-        for variant_id in engine.registry.runners:
+        for vid in catalog.local:
             for outcome in OUTCOMES[:5]:
-                self.requests.labels(variant_id, outcome)
+                self.requests.labels(str(vid), outcome)
         for outcome in OUTCOMES[5:]:
             self.requests.labels(NO_VARIANT, outcome)
 
-    def finished(self, admission: Admission, result: GenerationResult | None, outcome: Outcome, *,
-                 total_ms: float, queue_ms: float) -> None:
-        variant = admission.variant_id
-        self.requests.labels(variant, outcome).inc()
-        if outcome in ("met", "missed"):
-            self.deadline.labels(outcome).inc()
-        self.duration.labels(variant).observe(total_ms / 1000)
-        self.prompt_tokens.labels(variant).inc(len(admission.job.prompt_tokens))
-        if result is None or result.prompt_ms <= 0:  # never reached llama.cpp
+    def observe(self, record: CompletionRecord) -> None:
+        variant = record.variant or NO_VARIANT
+        self.requests.labels(variant, record.outcome).inc()
+        if record.turned_away:  # refused (429, 503) or rejected (other 4xx) before it ran
             return
-        self.queue_wait.labels(variant).observe(queue_ms / 1000)
-        self.completion_tokens.labels(variant).inc(result.predicted_n)
+        if record.outcome in ("met", "missed"):
+            self.deadline.labels(record.outcome).inc()
+        total_ms = record.actual_ms or 0.0
+        self.duration.labels(variant).observe(total_ms / 1000)
+        self.prompt_tokens.labels(variant).inc(record.prompt_tokens or 0)
+        if record.prompt_ms <= 0:  # never reached the model
+            return
+        self.queue_wait.labels(variant).observe((record.queue_ms or 0.0) / 1000)
+        self.completion_tokens.labels(variant).inc(record.completion_tokens or 0)
         # Everything after the first token is the decode steps (and the tail after the last).
-        self.ttft.labels(variant).observe(max(0.0, total_ms - result.predicted_ms) / 1000)
-        if result.finish != "cancelled":
-            error = prediction_error(admission, result, self.engine)
-            if error is not None:
-                self.prediction_error.labels(variant).observe(error)
-
-    def turned_away(self, outcome: Outcome, variant: str = NO_VARIANT) -> None:
-        """Refused or rejected before it ran (a full queue is noticed after routing chose)."""
-        self.requests.labels(variant, outcome).inc()
+        self.ttft.labels(variant).observe(max(0.0, total_ms - record.decode_ms) / 1000)
+        if record.prediction_error is not None:
+            self.prediction_error.labels(variant).observe(record.prediction_error)

@@ -9,8 +9,8 @@ import msgspec
 
 from edgeserve.errors import InvalidRequestError
 from edgeserve.http.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from edgeserve.pipeline.request import InferenceRequest
 from edgeserve.runtime.runner import SamplingParams
-from edgeserve.service import InferenceRequest
 
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
@@ -118,12 +118,7 @@ def parse_switch(value: str | None, header: str) -> bool | None:
     return text == "on"
 
 
-def parse_choice(value: str | None, header: str, choices: tuple[str, ...]) -> str | None:
-    if value is None:
-        return None
-    text = value.strip().lower()
-    if text not in choices:
-        raise InvalidRequestError(
-            f"Header {header} must be one of {', '.join(choices)}, got {value[:40]!r}.", param=header
-        )
-    return text
+def parse_name(value: str | None) -> str | None:
+    """A header that names something the pipeline checks against the family's policy
+    (X-Prompt-Style): trimmed and lower-cased; absent means the policy's default."""
+    return None if value is None else value.strip().lower()

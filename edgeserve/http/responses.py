@@ -21,26 +21,40 @@ from edgeserve.http.schemas import (
     Timings,
     Usage,
 )
+from edgeserve.pipeline.admission import Admission
+from edgeserve.pipeline.run import Run
 from edgeserve.runtime.runner import GenerationResult
-from edgeserve.service import Admission
 
 _encoder = msgspec.json.Encoder()
 
 
 @dataclass
 class CompletionContext:
-    """Everything a response needs besides the text: ids, timing and the admission."""
+    """Everything a response needs besides the text: ids, timing and the admitted run."""
 
     request_id: str
     kind: str  # "chat" or "text"
-    admission: Admission
-    arrived: float  # time.perf_counter() at arrival
-    deadline_ms: int | None = None
-    queue_ms: float = 0.0
+    run: Run
     created: int = 0
 
     def __post_init__(self) -> None:
         self.created = int(time.time())
+
+    @property
+    def admission(self) -> Admission:
+        return self.run.admission
+
+    @property
+    def arrived(self) -> float:
+        return self.run.request.arrived  # time.perf_counter() at arrival
+
+    @property
+    def deadline_ms(self) -> int | None:
+        return self.run.request.deadline_ms
+
+    @property
+    def queue_ms(self) -> float:
+        return self.run.queue_ms
 
     @property
     def response_id(self) -> str:
@@ -48,12 +62,12 @@ class CompletionContext:
 
     @property
     def model(self) -> str:
-        return self.admission.variant_id
+        return str(self.admission.variant_id)
 
     def headers(self) -> dict[str, str]:
         return {
             "X-Request-Id": self.request_id,
-            "X-Edgeserve-Variant": self.admission.variant_id,
+            "X-Edgeserve-Variant": str(self.admission.variant_id),
             "X-Edgeserve-Budget-Tokens": str(self.admission.budget_tokens),
             "X-Edgeserve-Predicted-Ms": f"{self.admission.decision.predicted_ms:.0f}",
         }
@@ -76,7 +90,7 @@ def timings_of(result: GenerationResult) -> Timings:
 def info_of(ctx: CompletionContext, result: GenerationResult) -> EdgeserveInfo:
     decision = ctx.admission.decision
     return EdgeserveInfo(
-        variant=ctx.admission.variant_id,
+        variant=str(ctx.admission.variant_id),
         deadline_ms=ctx.deadline_ms,
         predicted_ms=round(decision.predicted_ms, 1),
         actual_ms=round((time.perf_counter() - ctx.arrived) * 1000, 1),

@@ -19,6 +19,7 @@ from edgeserve.jsonfiles import read_json, write_json
 from edgeserve.routing.costs import CostProfile, fit_profile
 from edgeserve.runtime.prepare import sha256_of
 from edgeserve.runtime.runner import GenerationJob, LlamaRunner, SamplingParams
+from edgeserve.variant_id import VariantId
 
 FILLER = (
     "The committee met on Tuesday to review the harbour accounts, the new ferry timetable, "
@@ -203,8 +204,8 @@ def implausible(runner: LlamaRunner, runners: list[LlamaRunner], profiles: dict[
     """Decoding is bound by the bytes of weights read per token, so variants of one family cost
     about the same per byte. A profile more than `factor` times its siblings' median per byte
     was almost surely measured under load."""
-    family = runner.variant_id.partition(":")[0]
-    siblings = [r for r in runners if r.variant_id.partition(":")[0] == family]
+    family = VariantId.parse(runner.variant_id).family
+    siblings = [r for r in runners if VariantId.parse(r.variant_id).family == family]
     if len(siblings) < 3:  # with two, which one is wrong cannot be told
         return False
 

@@ -23,6 +23,7 @@ from edgeserve.runtime.memory import format_bytes, resident_bytes
 from edgeserve.runtime.registry import ModelRegistry
 from edgeserve.runtime.residency import Residency, SwapPlan
 from edgeserve.runtime.runner import LlamaRunner
+from edgeserve.variant_id import VariantId
 
 log = get_logger("edgeserve.residency")
 
@@ -165,6 +166,6 @@ async def load_and_cost(registry: ModelRegistry, residency: ResidencyManager | N
         on_loaded(runner)
         profiles.update(await ensure_profiles([runner], cache_dir, plan, progress))
 
-    defaults = [f"{f.name}:{f.default.name}" for f in registry.models.families]
+    defaults = [str(VariantId(f.name, f.default.name)) for f in registry.models.families]
     await residency.load_one_by_one(registry.runners, visit, [d for d in defaults if d in registry.runners])
     return profiles

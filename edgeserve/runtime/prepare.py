@@ -20,6 +20,7 @@ import msgspec
 from edgeserve.config import PACKAGE_SCHEME, FamilyConfig, ModelsFile, resolve_path
 from edgeserve.errors import ModelPreparationError
 from edgeserve.jsonfiles import read_json, write_json
+from edgeserve.variant_id import VariantId
 
 Log = Callable[[str], None]
 
@@ -172,7 +173,7 @@ def prepare_family(family: FamilyConfig, base_dir: Path, cache_dir: Path, log: L
             )
         derived = derive(source, source_sha256, derived_quants, out_dir, family.source_quant, log)
     for variant in family.local_variants:  # remote variants have nothing to prepare
-        variant_id = f"{family.name}:{variant.name}"
+        variant_id = str(VariantId(family.name, variant.name))
         if variant.path is not None:
             path = resolve_path(base_dir, variant.path)
             if not path.is_file():

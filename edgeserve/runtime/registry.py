@@ -1,4 +1,4 @@
-"""Which variants exist, which are loaded, and what a `model` name refers to."""
+"""Which local model files are configured, their runners, and what a `model` name refers to."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from edgeserve.config import FamilyConfig, ModelsFile, VariantConfig
 from edgeserve.errors import ModelNotFoundError, NotReadyError
 from edgeserve.runtime.prepare import PreparedVariant
-from edgeserve.runtime.remote import RemoteVariant
 from edgeserve.runtime.runner import LlamaRunner
+from edgeserve.variant_id import SEPARATOR, VariantId
 
 
 @dataclass(frozen=True)
@@ -19,44 +19,65 @@ class Target:
     family: FamilyConfig
     pinned: VariantConfig | None
 
-    def variant_id(self, variant: VariantConfig) -> str:
-        return f"{self.family.name}:{variant.name}"
+    def variant_id(self, variant: VariantConfig) -> VariantId:
+        return VariantId(self.family.name, variant.name)
+
+    @property
+    def ids(self) -> list[VariantId]:
+        """Every variant of the family (the routing candidates), in models.toml order."""
+        return [self.variant_id(v) for v in self.family.variants]
+
+    @property
+    def pinned_id(self) -> VariantId | None:
+        return None if self.pinned is None else self.variant_id(self.pinned)
+
+    @property
+    def tokenizer_id(self) -> VariantId:
+        """The local variant that counts this request's prompt tokens before routing: the pinned
+        variant when it is local, else the family's default (remote variants have no tokenizer)."""
+        local_pin = self.pinned if self.pinned is not None and not self.pinned.remote else None
+        return self.variant_id(local_pin or self.family.default)
 
 
 class ModelRegistry:
+    """The families of models.toml and one LlamaRunner per local variant (keyed by the runner's
+    own id, ``str(VariantId)``). The variants requests run on, local and remote behind one
+    contract, are in `edgeserve.runtime.catalog`."""
+
     def __init__(self, models: ModelsFile, prepared: dict[str, PreparedVariant]) -> None:
         self.models = models
         self.runners: dict[str, LlamaRunner] = {}
-        self.remotes: dict[str, RemoteVariant] = {}  # created on the event loop: see open_remotes
         for family in models.families:
             for variant in family.local_variants:
-                variant_id = f"{family.name}:{variant.name}"
+                variant_id = str(VariantId(family.name, variant.name))
                 self.runners[variant_id] = LlamaRunner(variant_id, prepared[variant_id].path, variant)
 
     @property
-    def names(self) -> list[str]:
-        return [f.name for f in self.models.families] + [
-            f"{f.name}:{v.name}" for f in self.models.families for v in f.variants]
+    def ids(self) -> list[VariantId]:
+        """Every configured variant, local and remote, in models.toml order."""
+        return [VariantId(f.name, v.name) for f in self.models.families for v in f.variants]
 
-    def open_remotes(self) -> dict[str, RemoteVariant]:
-        """The remote variants, with their HTTP clients (call on the serving event loop)."""
-        for family in self.models.families:
-            for variant in family.variants:
-                variant_id = f"{family.name}:{variant.name}"
-                if variant.remote and variant_id not in self.remotes:
-                    self.remotes[variant_id] = RemoteVariant(variant_id, variant)
-        return self.remotes
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.models.families] + [str(v) for v in self.ids]
+
+    def family(self, name: str) -> FamilyConfig | None:
+        return next((f for f in self.models.families if f.name == name), None)
 
     def resolve(self, name: str) -> Target:
         """A family name routes; `family:variant` pins. Unknown names are an error, never a fallback."""
-        family_name, _, variant_name = name.partition(":")
-        family = next((f for f in self.models.families if f.name == family_name), None)
-        if family is None:
-            raise ModelNotFoundError(name, self.names)
-        if not variant_name:
+        if SEPARATOR not in name:
+            family = self.family(name)
+            if family is None:
+                raise ModelNotFoundError(name, self.names)
             return Target(family, None)
-        variant = family.variant(variant_name)
-        if variant is None:
+        try:
+            variant_id = VariantId.parse(name)
+        except ValueError:
+            raise ModelNotFoundError(name, self.names) from None
+        family = self.family(variant_id.family)
+        variant = None if family is None else family.variant(variant_id.name)
+        if family is None or variant is None:
             raise ModelNotFoundError(name, self.names)
         return Target(family, variant)
 

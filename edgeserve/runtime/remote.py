@@ -24,9 +24,12 @@ import httpx
 from edgeserve.config import VariantConfig
 from edgeserve.errors import GenerationFailedError, RemoteUnavailableError
 from edgeserve.logging import get_logger
-from edgeserve.routing.costs import CostProfile, fit_profile
+from edgeserve.routing.costs import CostProfile, fit_profile, observe
+from edgeserve.routing.policy import VariantCandidate
 from edgeserve.runtime.breaker import CircuitBreaker
 from edgeserve.runtime.runner import TAIL_RESERVE_S, Finish, Generation, GenerationJob, GenerationResult
+from edgeserve.runtime.variant import Prompt, Variant, VariantInfo
+from edgeserve.variant_id import VariantId
 
 log = get_logger("edgeserve.remote")
 
@@ -56,31 +59,105 @@ class RemoteGeneration(Generation):
 
 
 class RemoteVariant:
-    def __init__(self, variant_id: str, config: VariantConfig,
+    """A remote variant behind the Variant contract (see edgeserve.runtime.variant). `send` is the
+    upstream call itself; `start` shapes a request for it from an admitted prompt."""
+
+    def __init__(self, variant_id: VariantId, config: VariantConfig, counter: Variant | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         assert config.base_url is not None
-        self.variant_id = variant_id
+        self._id = variant_id
+        self.variant_id = str(variant_id)  # in log lines and error messages
         self.config = config
         self.base_url = config.base_url.rstrip("/")
         self.model = config.model or config.name
         self.breaker = CircuitBreaker()
         self.profile: CostProfile | None = None
         self.in_flight = 0
+        self._counter = counter  # the family's default local variant: counts prompt tokens
         self._clock = clock
-        headers = {}
+        self._headers: dict[str, str] = {}
         if config.api_key_env is not None:
             key = os.environ.get(config.api_key_env, "")
             if key:
-                headers["Authorization"] = f"Bearer {key}"
+                self._headers["Authorization"] = f"Bearer {key}"
             else:
-                log.warning("remote_no_key", variant=variant_id,
+                log.warning("remote_no_key", variant=self.variant_id,
                             detail=f"{config.api_key_env} is not set: requests go without a key")
-        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
-                                         timeout=httpx.Timeout(config.timeout_s))
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        """Created on first use, on the serving event loop."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers,
+                                           timeout=httpx.Timeout(self.config.timeout_s))
+        return self._http
+
+    # ---- the Variant contract ------------------------------------------------------------------
+
+    @property
+    def id(self) -> VariantId:
+        return self._id
 
     @property
     def n_ctx(self) -> int:
         return self.config.n_ctx
+
+    @property
+    def ready(self) -> bool:
+        return True  # one that is down does not hold the server back: routing skips it
+
+    @property
+    def shaped_by(self) -> VariantId:
+        return self._tokenizer().id
+
+    @property
+    def answer_forcing(self) -> bool:
+        return False  # feeding a prefix mid-answer needs token-level control of the decoder
+
+    @property
+    def starts_at_admission(self) -> bool:
+        return True  # before the response begins: if it does not take the request, re-route
+
+    def _tokenizer(self) -> Variant:
+        if self._counter is None:
+            raise RuntimeError(f"remote {self.variant_id} has no local variant to count its prompts with")
+        return self._counter
+
+    def candidate(self) -> VariantCandidate:
+        return VariantCandidate(
+            variant_id=self.variant_id, name=self._id.name, n_ctx=self.n_ctx,
+            profile=self.profile or CostProfile(variant_id=self.variant_id, prefill_ms_per_token=0.0,
+                                                decode_ms_per_token=0.0),
+            available=self.available, unavailable_reason=self.unavailable_reason(),
+            wait_ms=0.0,  # it does not wait for a local CPU slot
+        )
+
+    def prompt(self, messages: list[dict[str, str]] | None, text: str | None) -> Prompt:
+        """The styled messages go upstream as they are; the family's local tokenizer counts them."""
+        return self._tokenizer().prompt(messages, text)
+
+    def tokenize(self, text: str, *, chat: bool) -> list[int]:
+        return self._tokenizer().tokenize(text, chat=chat)
+
+    async def start(self, job: GenerationJob, prompt: Prompt, *, predicted_ms: float = 0.0,
+                    min_run_ms: float = 0.0) -> tuple[Generation, float]:
+        """Send it upstream; it queues there, not here (0 ms of local queue)."""
+        request = RemoteRequest(prompt.messages, prompt.text if prompt.messages is None else None,
+                                len(prompt.tokens))
+        return await self.send(request, job), 0.0
+
+    def observe(self, result: GenerationResult) -> None:
+        if self.profile is not None and result.finish != "cancelled" and result.predicted_n:
+            self.profile = observe(self.profile, result.prompt_evaluated, result.prompt_ms,
+                                   len(result.token_ms), sum(result.token_ms))
+
+    def info(self) -> VariantInfo:
+        return VariantInfo(kind="remote", n_ctx=self.config.n_ctx, loaded=self.available,
+                           base_url=self.base_url, remote_model=self.model,
+                           status=None if self.available else self.unavailable_reason())
+
+    # ---- health ------------------------------------------------------------------------------
 
     @property
     def available(self) -> bool:
@@ -90,8 +167,6 @@ class RemoteVariant:
         if self.profile is None and not self.breaker.open:
             return "is not probed yet"
         return self.breaker.describe(self._clock())
-
-    # ---- health ------------------------------------------------------------------------------
 
     def _failed(self, reason: str) -> None:
         if self.breaker.record_failure(self._clock(), reason):
@@ -149,15 +224,15 @@ class RemoteVariant:
     async def _probe_once(self, text: str, prompt_tokens: int, new_tokens: int) -> GenerationResult:
         request = RemoteRequest([{"role": "user", "content": text}], None, prompt_tokens)
         job = GenerationJob([], new_tokens)
-        generation = await self.start(request, job, count_failure=False)
+        generation = await self.send(request, job, count_failure=False)
         await generation.text()
         assert generation.result is not None
         return generation.result
 
     # ---- generation --------------------------------------------------------------------------
 
-    async def start(self, request: RemoteRequest, job: GenerationJob, on_done: Callable[[], object] | None = None,
-                    *, count_failure: bool = True) -> RemoteGeneration:
+    async def send(self, request: RemoteRequest, job: GenerationJob, on_done: Callable[[], object] | None = None,
+                   *, count_failure: bool = True) -> RemoteGeneration:
         """Send the request and wait for the remote to accept it (status 200); then stream in
         the background. Raises RemoteUnavailableError (and opens the circuit) if it does not."""
         loop = asyncio.get_running_loop()
@@ -255,7 +330,9 @@ class RemoteVariant:
                                 prompt_evaluated=max(1, prompt_tokens))
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
 
 async def _events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:

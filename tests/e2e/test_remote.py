@@ -22,6 +22,7 @@ from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.remote import RemoteRequest, RemoteVariant
 from edgeserve.runtime.runner import GenerationJob, SamplingParams
 from edgeserve.tools.processes import free_port, server_process
+from edgeserve.variant_id import VariantId
 from tests.e2e.conftest import STARTUP_TIMEOUT_S
 from tests.e2e.server import running_server
 
@@ -185,11 +186,11 @@ def test_the_deadline_closes_the_upstream_stream(prepared: dict[str, PreparedVar
     story = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
     async def run() -> tuple[str, float, float]:
-        remote = RemoteVariant(CLOUD, config)
+        remote = RemoteVariant(VariantId.parse(CLOUD), config)
         try:
             deadline_at = time.perf_counter() + 0.6
             job = GenerationJob([], 1000, SamplingParams(temperature=0.0), deadline_at=deadline_at)
-            generation = await remote.start(RemoteRequest(story, None, 20), job)
+            generation = await remote.send(RemoteRequest(story, None, 20), job)
             text = await generation.text()
             assert generation.result is not None and text
             return generation.result.finish, time.perf_counter(), deadline_at

@@ -302,10 +302,10 @@ def test_resolve(registry: ModelRegistry) -> None:
     assert target.family.name == FAMILY and target.pinned is None
     pinned = registry.resolve(f"{FAMILY}:q2_k")
     assert pinned.pinned is not None and pinned.pinned.name == "q2_k"
-    assert pinned.variant_id(pinned.pinned) == f"{FAMILY}:q2_k"
+    assert str(pinned.variant_id(pinned.pinned)) == f"{FAMILY}:q2_k" and str(pinned.pinned_id) == f"{FAMILY}:q2_k"
 
 
-@pytest.mark.parametrize("name", ["gpt-4o", f"{FAMILY}:q5_k", "auto2", ":q2_k"])
+@pytest.mark.parametrize("name", ["gpt-4o", f"{FAMILY}:q5_k", "auto2", ":q2_k", f"{FAMILY}:", f"{FAMILY}:q2_k:x"])
 def test_unknown_model_is_an_error_not_a_fallback(registry: ModelRegistry, name: str) -> None:
     with pytest.raises(ModelNotFoundError) as info:
         registry.resolve(name)

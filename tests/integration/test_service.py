@@ -1,4 +1,4 @@
-"""The Engine on the real models: the exact prompt text the model receives, and the decision."""
+"""The pipeline on the real models: the exact prompt text the model receives, and the decision."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import pytest
 
 from edgeserve.config import ModelsFile
 from edgeserve.errors import RefusedError
+from edgeserve.pipeline import InferenceRequest, Pipeline
 from edgeserve.routing.costs import CostProfile
 from edgeserve.routing.policy_file import PolicyFile, parse_policy
+from edgeserve.runtime.catalog import Catalog
 from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.registry import ModelRegistry
 from edgeserve.runtime.runner import SamplingParams
 from edgeserve.runtime.scheduler import Scheduler
-from edgeserve.service import Engine, InferenceRequest
+from edgeserve.variant_id import VariantId
 
 pytestmark = pytest.mark.integration
 
@@ -41,88 +43,89 @@ accuracy = [0.002, 0.006, 0.013, 0.020, 0.022]
 
 @pytest.fixture(scope="module")
 def policy() -> PolicyFile:
-    """The shipped default policy's settings with the curves above."""
-    shipped = (ROOT / "policies" / "default.toml").read_text()
+    """The shipped policy of the default family: its settings with the curves above."""
+    shipped = (ROOT / "policies" / "smollm2-135m.toml").read_text()
     settings = shipped[:shipped.index("[curves.")]
-    return parse_policy((settings + CURVES).encode(), "policies/default.toml with test curves")
+    return parse_policy((settings + CURVES).encode(), "policies/smollm2-135m.toml with test curves")
 
 
 @pytest.fixture(scope="module")
-async def engine(models_file: ModelsFile, prepared: dict[str, PreparedVariant],
-                 policy: PolicyFile) -> AsyncIterator[Engine]:
+async def pipeline(models_file: ModelsFile, prepared: dict[str, PreparedVariant],
+                   policy: PolicyFile) -> AsyncIterator[Pipeline]:
     """Fixed, plausible costs (q2_k fastest): these tests are about prompts and decisions, the
     measured costs are exercised by the calibration tests and the e2e suite."""
     registry = ModelRegistry(models_file, prepared)
     await registry.load_all()
     profiles = {
-        variant_id: CostProfile(variant_id=variant_id, prefill_fixed_ms=5.0, prefill_ms_per_token=0.5,
-                                decode_ms_per_token=per_token)
+        VariantId.parse(variant_id): CostProfile(variant_id=variant_id, prefill_fixed_ms=5.0,
+                                                 prefill_ms_per_token=0.5, decode_ms_per_token=per_token)
         for variant_id, per_token in ((f"{FAMILY}:q2_k", 3.0), (f"{FAMILY}:q4_1", 12.0),
                                       (f"{FAMILY}:q8_0", 16.0))
     }
-    yield Engine(registry, Scheduler(1), policy, profiles)
+    scheduler = Scheduler(1)
+    yield Pipeline(Catalog.build(registry, scheduler, None, profiles), scheduler, {FAMILY: policy})
     registry.close()
 
 
-async def test_the_model_receives_the_style_and_the_budget_hint(engine: Engine) -> None:
+async def test_the_model_receives_the_style_and_the_budget_hint(pipeline: Pipeline) -> None:
     request = InferenceRequest(model=f"{FAMILY}:q4_1", messages=[{"role": "user", "content": QUESTION}],
                                max_tokens=64, style="boxed", hint=True)
-    admission = await engine.admit(request)
-    instruction = engine.policy.styles["boxed"].instruction
+    admission = await pipeline.admit(request)
+    instruction = pipeline.policies[FAMILY].styles["boxed"].instruction
     expected_user_turn = (f"<|im_start|>user\n{QUESTION}\n\n{instruction}\n"
                           f"You MUST respond in **UNDER 32 tokens**<|im_end|>\n")
-    assert expected_user_turn in admission.prompt_text
-    assert admission.prompt_text.endswith("<|im_start|>assistant\n")
+    assert expected_user_turn in admission.prompt.text
+    assert admission.prompt.text.endswith("<|im_start|>assistant\n")
     assert admission.decision.hint_tokens == 32
     assert admission.job.max_tokens == 64
 
 
 @pytest.mark.parametrize("max_tokens", [None, 64])
-async def test_without_a_deadline_the_prompt_is_left_as_the_client_sent_it(engine: Engine,
+async def test_without_a_deadline_the_prompt_is_left_as_the_client_sent_it(pipeline: Pipeline,
                                                                             max_tokens: int | None) -> None:
     request = InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": QUESTION}],
                                max_tokens=max_tokens)
-    admission = await engine.admit(request)
-    assert "You MUST respond" not in admission.prompt_text
+    admission = await pipeline.admit(request)
+    assert "You MUST respond" not in admission.prompt.text
     assert admission.decision.hint_tokens is None
 
 
-async def test_with_a_deadline_the_hint_is_on_by_default(engine: Engine) -> None:
+async def test_with_a_deadline_the_hint_is_on_by_default(pipeline: Pipeline) -> None:
     request = InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": QUESTION}],
                                max_tokens=64, deadline_ms=60_000)
-    admission = await engine.admit(request)
+    admission = await pipeline.admit(request)
     assert admission.decision.hint_tokens == 32
-    assert "You MUST respond in **UNDER 32 tokens**" in admission.prompt_text
+    assert "You MUST respond in **UNDER 32 tokens**" in admission.prompt.text
 
 
-async def test_a_tight_deadline_goes_to_the_fast_variant_and_a_loose_one_to_the_better(engine: Engine) -> None:
+async def test_a_tight_deadline_goes_to_the_fast_variant_and_a_loose_one_to_the_better(pipeline: Pipeline) -> None:
     messages = [{"role": "user", "content": QUESTION}]
-    tight = await engine.admit(InferenceRequest(model=FAMILY, messages=messages, max_tokens=300,
+    tight = await pipeline.admit(InferenceRequest(model=FAMILY, messages=messages, max_tokens=300,
                                                 deadline_ms=350))
-    loose = await engine.admit(InferenceRequest(model=FAMILY, messages=messages, max_tokens=300,
+    loose = await pipeline.admit(InferenceRequest(model=FAMILY, messages=messages, max_tokens=300,
                                                 deadline_ms=60_000))
     # At 350 ms q2_k (3 ms/token) fits four times the tokens of q4_1, which outweighs its lower
     # curve; with time to spare, the curves
     # rank q4_1 = q8_0 above q2_k and the tie goes to the faster q4_1.
-    assert tight.variant_id == f"{FAMILY}:q2_k"
-    assert loose.variant_id == f"{FAMILY}:q4_1"
+    assert str(tight.variant_id) == f"{FAMILY}:q2_k"
+    assert str(loose.variant_id) == f"{FAMILY}:q4_1"
     assert tight.decision.predicted_ms <= 350
     assert tight.job.deadline_at is not None
 
 
-async def test_a_refusal_names_the_deadline(engine: Engine) -> None:
+async def test_a_refusal_names_the_deadline(pipeline: Pipeline) -> None:
     with pytest.raises(RefusedError) as refused:
-        await engine.admit(InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": "hi"}],
+        await pipeline.admit(InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": "hi"}],
                                             deadline_ms=2))
     assert refused.value.code == "deadline_infeasible"
 
 
-async def test_answer_forcing_closes_a_boxed_answer_within_the_budget(engine: Engine) -> None:
+async def test_answer_forcing_closes_a_boxed_answer_within_the_budget(pipeline: Pipeline) -> None:
     request = InferenceRequest(model=f"{FAMILY}:q4_1", messages=[{"role": "user", "content": QUESTION}],
                                max_tokens=40, answer_forcing=True, hint=False,
                                sampling=SamplingParams(temperature=0.0))
-    admission = await engine.admit(request)
-    generation, _ = await engine.start(admission)
+    admission = await pipeline.admit(request)
+    generation, _ = await pipeline.start(admission)
     text = await generation.text()
     assert generation.result is not None
     assert "\\boxed{" in text

@@ -41,12 +41,13 @@ def test_the_parser_and_the_serve_path_load_no_tool() -> None:
         parser.format_help()
         args = parser.parse_args(["serve", "--port", "0"])
         assert args.command == "serve" and args.port == 0, args
-        # every module cli.py imports, at the top or inside a function (_serve, _residency, _api_keys, ...)
+        # every module cli.py imports, at the top or inside a function (_serve: the settings and the
+        # composition root, which imports the whole server)
         tree = ast.parse(open(cli.__file__).read())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         serve_path = sorted(m for m in imported if m.startswith("edgeserve"))
-        assert "edgeserve.service" in serve_path and "edgeserve.http.app" in serve_path, serve_path
+        assert "edgeserve.server" in serve_path and "edgeserve.settings" in serve_path, serve_path
         for module in serve_path:
             importlib.import_module(module)
         assert tools() == [], tools()

@@ -24,6 +24,7 @@ from edgeserve.http.auth import (
     parse_key_list,
 )
 from edgeserve.http.errors import handle_http_exception
+from edgeserve.settings import build_settings
 
 
 def test_key_file_skips_comments_and_blank_lines() -> None:
@@ -142,16 +143,18 @@ def test_open_bind_warning_only_without_key_off_loopback() -> None:
 
 
 def test_serve_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    args = build_parser().parse_args(["serve", "--api-key", "sk-1", "--api-key", "sk-2"])
-    assert args.api_key == ["sk-1", "sk-2"]
-    assert args.max_body_bytes == 1024 * 1024
-    assert args.metrics_public is False
-    assert args.api_key_file is None
+    monkeypatch.setenv("EDGESERVE_MEMORY_BUDGET", "1GiB")
+    settings = build_settings(build_parser().parse_args(["serve", "--api-key", "sk-1", "--api-key", "sk-2"]))
+    assert settings.api_keys == ("sk-1", "sk-2")
+    assert settings.max_body_bytes == 1024 * 1024
+    assert settings.metrics_public is False
 
+    keys = tmp_path / "keys"
+    keys.write_text("sk-3\n")
     monkeypatch.setenv("EDGESERVE_MAX_BODY_BYTES", "4096")
     monkeypatch.setenv("EDGESERVE_METRICS_PUBLIC", "true")
-    monkeypatch.setenv("EDGESERVE_API_KEY_FILE", str(tmp_path / "keys"))
-    args = build_parser().parse_args(["serve"])
-    assert args.max_body_bytes == 4096
-    assert args.metrics_public is True
-    assert args.api_key_file == tmp_path / "keys"
+    monkeypatch.setenv("EDGESERVE_API_KEY_FILE", str(keys))
+    settings = build_settings(build_parser().parse_args(["serve"]))
+    assert settings.max_body_bytes == 4096
+    assert settings.metrics_public is True
+    assert settings.api_keys == ("sk-3",)

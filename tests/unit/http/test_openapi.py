@@ -6,23 +6,26 @@ from pathlib import Path
 from typing import Any
 
 from edgeserve.config import load_models_file
-from edgeserve.http.app import create_app
 from edgeserve.routing.policy_file import default_policy
 from edgeserve.runtime.prepare import PreparedVariant
-from edgeserve.runtime.registry import ModelRegistry
-from edgeserve.runtime.scheduler import Scheduler
-from edgeserve.service import Engine
+from edgeserve.sdnotify import Notifier
+from edgeserve.server import assemble
+from edgeserve.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def openapi_document(tmp_path: Path) -> dict[str, Any]:
-    """Built without starting the app (its lifespan would load the models)."""
+    """Assembled by the composition root without starting the app (its lifespan would load the
+    models)."""
     models = load_models_file(ROOT / "models.toml")
-    prepared = {f"{f.name}:{v.name}": PreparedVariant(f"{f.name}:{v.name}", tmp_path / "unused.gguf", "explicit")
+    unused = tmp_path / "unused.gguf"
+    unused.write_bytes(b"")
+    prepared = {f"{f.name}:{v.name}": PreparedVariant(f"{f.name}:{v.name}", unused, "explicit")
                 for f in models.families for v in f.variants}
-    engine = Engine(ModelRegistry(models, prepared), Scheduler(1), default_policy())
-    document: dict[str, Any] = create_app(engine, cache_dir=tmp_path).openapi_schema.to_schema()
+    settings = ServerSettings(models_path=ROOT / "models.toml", cache_dir=tmp_path)
+    server = assemble(settings, models, prepared, {f.name: default_policy() for f in models.families}, Notifier({}))
+    document: dict[str, Any] = server.app.openapi_schema.to_schema()
     return document
 
 

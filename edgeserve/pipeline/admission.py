@@ -1,0 +1,167 @@
+"""Admission: from a domain request to a routing decision and a job ready to start.
+
+`Admitter.admit`: resolve the model → count the prompt's tokens (style and budget hint applied)
+→ `Admitter.decide` (THE routing decision: the family's policy, `routing.policy.choose`, pure)
+→ shape the prompt for the chosen variant with the decided hint → check it fits → the job, with
+its absolute deadline (``GenerationJob.deadline_at``) and answer forcing. No HTTP here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from edgeserve.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    NotReadyError,
+    RefusedError,
+)
+from edgeserve.pipeline.request import InferenceRequest
+from edgeserve.routing.costs import predict_ms
+from edgeserve.routing.hints import apply_style_and_hint, hint_tokens_for
+from edgeserve.routing.policy import Decision, Refusal, RoutingRequest, VariantCandidate, choose
+from edgeserve.routing.policy_file import PolicyFile
+from edgeserve.runtime.catalog import Catalog
+from edgeserve.runtime.registry import Target
+from edgeserve.runtime.runner import AnswerForcing, GenerationJob
+from edgeserve.runtime.variant import Prompt, Variant
+from edgeserve.variant_id import VariantId
+
+
+class LocalQueue(Protocol):
+    """What admission needs to know of the local CPU slots (the scheduler)."""
+
+    def wait_estimate_ms(self, deadline_at: float | None) -> float: ...
+
+    def slack_ms(self, deadline_at: float | None) -> float | None: ...
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request that passed every check and knows where and how long it will run."""
+
+    variant: Variant
+    prompt: Prompt
+    job: GenerationJob
+    decision: Decision
+    load_ms: float = 0.0  # of decision.predicted_ms, the predicted time to load the variant first
+    min_run_ms: float = 0.0  # prefill and the policy's minimum useful tokens (and the load)
+
+    @property
+    def variant_id(self) -> VariantId:
+        return self.variant.id
+
+    @property
+    def budget_tokens(self) -> int:
+        return self.job.max_tokens
+
+
+class Admitter:
+    def __init__(self, catalog: Catalog, queue: LocalQueue, policies: Mapping[str, PolicyFile]) -> None:
+        self.catalog = catalog
+        self.queue = queue
+        self.policies = policies  # family name → its policy (quality curves of its variants)
+
+    async def admit(self, request: InferenceRequest) -> Admission:
+        target = self.catalog.resolve(request.model)
+        policy = self.policies[target.family.name]
+        self._check_style(request, policy)
+        if not self.catalog.ready:
+            raise NotReadyError(self.catalog.status())
+        if request.messages is None and request.prompt is None:
+            raise InvalidRequestError("give `messages` or `prompt`", param="messages")
+        probe = self.catalog[target.tokenizer_id]
+        hint_on = self._hint_on(request, policy)
+        first_hint = hint_tokens_for(request.max_tokens or probe.n_ctx, policy) if hint_on else None
+        prompt = await asyncio.to_thread(_shape, probe, request, first_hint, policy)
+        if not prompt.tokens:  # llama.cpp cannot decode zero tokens
+            raise InvalidRequestError("The prompt is empty; send at least one character of text.",
+                                      param="prompt")
+        candidates = [self.catalog[vid].candidate() for vid in target.ids]
+        decision = self.decide(request, target, len(prompt.tokens), probe.n_ctx, hint_on, candidates, policy)
+        if isinstance(decision, Refusal):
+            raise _refusal_error(decision, len(prompt.tokens), probe, request.param)
+        variant = self.catalog[VariantId.parse(decision.variant_id)]
+        if variant.shaped_by != prompt.shaped_by or decision.hint_tokens != prompt.hint_tokens:
+            prompt = await asyncio.to_thread(_shape, variant, request, decision.hint_tokens, policy)
+        if len(prompt.tokens) + 1 > variant.n_ctx:
+            raise ContextLengthExceededError(len(prompt.tokens), variant.n_ctx, str(variant.id), request.param)
+        job = GenerationJob(prompt.tokens, min(decision.max_tokens, variant.n_ctx - len(prompt.tokens)),
+                            request.sampling, request.stop, deadline_at=request.deadline_at,
+                            forcing=_forcing(variant, request, policy))
+        load_ms = next(c.load_ms for c in candidates if c.variant_id == decision.variant_id)
+        return Admission(variant, prompt, job, decision, load_ms, _min_run_ms(variant, job, load_ms, policy))
+
+    def decide(self, request: InferenceRequest, target: Target, prompt_tokens: int, probe_n_ctx: int,
+               hint_on: bool, candidates: list[VariantCandidate], policy: PolicyFile) -> Decision | Refusal:
+        """THE routing decision: the family's candidates as they are now (profiles, availability,
+        load times), the time left of the deadline and what waits for the CPU, given to the pure
+        policy (`edgeserve.routing.policy.choose`)."""
+        deadline_at = request.deadline_at
+        spent_ms = (time.perf_counter() - request.arrived) * 1000
+        routing = RoutingRequest(
+            prompt_tokens=prompt_tokens,
+            requested_max_tokens=request.max_tokens or max(1, probe_n_ctx - prompt_tokens),
+            deadline_ms=None if request.deadline_ms is None else request.deadline_ms - spent_ms,
+            pinned=None if target.pinned_id is None else str(target.pinned_id),
+            style=request.style,
+            hint=hint_on,
+            run_limit_ms=self.queue.slack_ms(deadline_at),
+        )
+        return choose(routing, candidates, policy, self.queue.wait_estimate_ms(deadline_at))
+
+    @staticmethod
+    def _check_style(request: InferenceRequest, policy: PolicyFile) -> None:
+        """X-Prompt-Style names a style of the family's policy."""
+        if request.style is not None and request.style not in policy.styles:
+            raise InvalidRequestError(
+                f"Header X-Prompt-Style must be one of {', '.join(policy.styles)}, got {request.style[:40]!r}.",
+                param="X-Prompt-Style")
+
+    @staticmethod
+    def _hint_on(request: InferenceRequest, policy: PolicyFile) -> bool:
+        """By default the hint goes only into requests with a deadline: a deadline is edgeserve's
+        own contract, while a plain OpenAI client that merely sets max_tokens expects its prompt
+        untouched. X-Budget-Hint overrides either way."""
+        if request.hint is not None:
+            return request.hint
+        return policy.hint.enabled and request.deadline_ms is not None and request.messages is not None
+
+
+def _shape(variant: Variant, request: InferenceRequest, hint_tokens: int | None, policy: PolicyFile) -> Prompt:
+    """The prompt with the style instruction and the budget hint, as ``variant`` sees it."""
+    messages = None
+    if request.messages is not None:
+        messages = apply_style_and_hint(request.messages, request.style, hint_tokens, policy)
+    return replace(variant.prompt(messages, request.prompt), hint_tokens=hint_tokens)
+
+
+def _forcing(variant: Variant, request: InferenceRequest, policy: PolicyFile) -> AnswerForcing | None:
+    config = policy.answer_forcing
+    enabled = config.enabled if request.answer_forcing is None else request.answer_forcing
+    if not enabled or request.messages is None or not variant.answer_forcing:
+        return None
+    prefix = tuple(variant.tokenize(config.prefix, chat=True))
+    return AnswerForcing(prefix, config.prefix, config.reserve_tokens)
+
+
+def _min_run_ms(variant: Variant, job: GenerationJob, load_ms: float, policy: PolicyFile) -> float:
+    """Predicted time of the prompt and the policy's minimum useful tokens (and the load)."""
+    profile = variant.profile
+    if profile is None:
+        return 0.0
+    tokens = min(policy.routing.min_useful_tokens, job.max_tokens)
+    return load_ms + predict_ms(profile, len(job.prompt_tokens), tokens)
+
+
+def _refusal_error(refusal: Refusal, prompt_tokens: int, probe: Variant, param: str) -> Exception:
+    if refusal.code == "context_length_exceeded":
+        return ContextLengthExceededError(prompt_tokens, probe.n_ctx, str(probe.id), param)
+    return RefusedError(f"Cannot answer within the deadline: {refusal.reason}.",
+                        code=refusal.code, retry_after_s=refusal.retry_after_s or 1,
+                        min_deadline_ms=refusal.min_deadline_ms)
+

@@ -1,0 +1,34 @@
+"""The domain request: what a client asked for, after the wire format and the headers are parsed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from edgeserve.runtime.runner import SamplingParams
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One chat (`messages`) or text (`prompt`) completion, as the domain sees it."""
+
+    model: str
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    deadline_ms: int | None = None
+    hint: bool | None = None  # None: the policy's default, when the budget means something
+    style: str | None = None  # a prompt style of the family's policy file (boxed, aav) or none
+    answer_forcing: bool | None = None  # None: the policy's setting
+    arrived: float = field(default_factory=time.perf_counter)
+
+    @property
+    def deadline_at(self) -> float | None:
+        return None if self.deadline_ms is None else self.arrived + self.deadline_ms / 1000
+
+    @property
+    def param(self) -> str:
+        """The body field an error about the prompt names."""
+        return "messages" if self.messages is not None else "prompt"

@@ -1,0 +1,119 @@
+"""A local variant: one GGUF on this board, behind the Variant contract.
+
+It wraps the variant's runner (llama.cpp context and thread), the CPU slots shared by every
+local variant (the scheduler, earliest deadline first) and the memory budget (residency).
+`start` is the only place that hands a job to the scheduler and the runner: the batched runtime
+replaces what happens inside it, nothing around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from edgeserve.errors import NotReadyError
+from edgeserve.routing.costs import CostProfile, observe
+from edgeserve.routing.policy import VariantCandidate
+from edgeserve.runtime.loader import ResidencyManager
+from edgeserve.runtime.runner import Generation, GenerationJob, GenerationResult, LlamaRunner
+from edgeserve.runtime.scheduler import Scheduler
+from edgeserve.runtime.variant import Prompt, VariantInfo
+from edgeserve.variant_id import VariantId
+
+
+class LocalVariant:
+    def __init__(self, variant_id: VariantId, runner: LlamaRunner, scheduler: Scheduler,
+                 residency: ResidencyManager | None = None, profile: CostProfile | None = None,
+                 on_observed: Callable[[], None] | None = None) -> None:
+        self._id = variant_id
+        self.runner = runner
+        self._scheduler = scheduler
+        self._residency = residency  # None: every variant stays loaded (no memory budget)
+        self.profile: CostProfile | None = profile  # set by start-up (calibration or the stored one)
+        self._on_observed = on_observed  # the profile changed: the saver writes it out later
+
+    @property
+    def id(self) -> VariantId:
+        return self._id
+
+    @property
+    def n_ctx(self) -> int:
+        return self.runner.n_ctx
+
+    @property
+    def ready(self) -> bool:
+        return self.runner.usable and self.profile is not None
+
+    @property
+    def shaped_by(self) -> VariantId:
+        return self._id
+
+    @property
+    def answer_forcing(self) -> bool:
+        return True
+
+    @property
+    def starts_at_admission(self) -> bool:
+        return False  # it waits for its CPU slot inside the response
+
+    def _runner(self) -> LlamaRunner:
+        if not self.runner.usable:  # usable: loaded, or parked by the memory budget (issue 7)
+            raise NotReadyError(f"{self._id} is not loaded yet")
+        return self.runner
+
+    # ---- routing -------------------------------------------------------------------------------
+
+    def candidate(self) -> VariantCandidate:
+        if self.profile is None:
+            raise NotReadyError(f"{self._id} is not calibrated yet")
+        available, load_ms, why = self._residency_of()
+        return VariantCandidate(variant_id=str(self._id), name=self._id.name, profile=self.profile,
+                                n_ctx=self.n_ctx, available=available, load_ms=load_ms,
+                                unavailable_reason=why)
+
+    def _residency_of(self) -> tuple[bool, float, str | None]:
+        """Under a memory budget (issue 7): can it be made resident now, and at what cost in ms
+        (waiting out a victim's minimum residency, unloading it, loading this one)?"""
+        runner, residency = self.runner, self._residency
+        if residency is None:
+            return runner.loaded, 0.0, None
+        profile_load_ms = self.profile.load_ms if self.profile is not None else None
+        load_ms = residency.load_estimate_ms(runner.variant_id, profile_load_ms)
+        if load_ms is None:
+            return False, 0.0, residency.unavailable_reason(runner.variant_id)
+        return True, load_ms, None
+
+    # ---- prompts -------------------------------------------------------------------------------
+
+    def prompt(self, messages: list[dict[str, str]] | None, text: str | None) -> Prompt:
+        runner = self._runner()
+        if messages is not None:
+            rendered = runner.render_chat(messages)
+            return Prompt(rendered, runner.tokenize(rendered, chat=True), messages, self._id)
+        assert text is not None
+        return Prompt(text, runner.tokenize(text, chat=False), None, self._id)
+
+    def tokenize(self, text: str, *, chat: bool) -> list[int]:
+        return self._runner().tokenize(text, chat=chat)
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    async def start(self, job: GenerationJob, prompt: Prompt, *, predicted_ms: float,
+                    min_run_ms: float) -> tuple[Generation, float]:
+        """Wait for a CPU slot (earliest deadline first), make the variant resident inside it
+        (so a load competes for the CPU like a generation), then run the job on the runner."""
+        runner, residency = self._runner(), self._residency
+        return await self._scheduler.start(
+            runner, job, predicted_ms, min_run_ms,
+            prepare=None if residency is None else lambda: residency.ensure(runner))
+
+    def observe(self, result: GenerationResult) -> None:
+        if self.profile is None or result.finish == "cancelled":
+            return
+        self.profile = observe(self.profile, result.prompt_evaluated, result.prompt_ms,
+                               len(result.token_ms), sum(result.token_ms))
+        if self._on_observed is not None:
+            self._on_observed()
+
+    def info(self) -> VariantInfo:
+        return VariantInfo(kind="variant", n_ctx=self.runner.config.n_ctx, loaded=self.runner.loaded,
+                           quant=self.runner.config.quant, path=str(self.runner.path))
