@@ -1,7 +1,9 @@
 """Replay arrivals through the real policy and a simulated queue, with no model and no clock.
 
 The simulated server has one CPU slot served earliest-deadline-first (requests without a deadline
-after those with one, in arrival order). Each admitted request takes its predicted time, optionally
+after those with one, in arrival order); the policy is told the same queue wait and slack (the
+longest a newcomer may run without making a queued request miss) as the server's scheduler,
+computed by the same functions (routing.queue). Each admitted request takes its predicted time, optionally
 multiplied by a lognormal noise factor drawn from ``random.Random(seed)``. Like the runner, a
 generation that would overrun its deadline is cut at the deadline: it then counts as a miss and its
 realized accuracy is the curve's value at the tokens it managed to produce.
@@ -20,6 +22,7 @@ from typing import Annotated
 
 import msgspec
 
+from edgeserve.routing import queue as queue_model
 from edgeserve.routing.costs import CostProfile, max_new_tokens_within, predict_ms
 from edgeserve.routing.policy import (
     Decision,
@@ -109,7 +112,9 @@ def simulate(
 
     ``noise`` is the sigma of the lognormal factor applied to each service time (0: services
     take exactly their predicted time). The queue wait told to the policy is the predicted time
-    left of the running job plus the predicted times of the queued jobs that EDF puts ahead.
+    left of the running job plus the predicted times of the queued jobs that EDF puts ahead, and
+    its run limit the slack before a queued job with a later deadline would miss
+    (routing.queue, as in the server).
     """
     rng = random.Random(seed)
     by_id = {c.variant_id: c for c in candidates}
@@ -140,11 +145,14 @@ def simulate(
         now = item.arrival_ms
         advance(now)
         key = math.inf if item.deadline_ms is None else now + item.deadline_ms
-        wait = 0.0 if running is None else max(running[2] - now, 0.0)
-        wait += sum(job.decision.predicted_ms for k, _, job in queue if k <= key)
+        deadline_at = None if item.deadline_ms is None else key
+        on_cpu = [] if running is None else [(running[1], running[0].decision.predicted_ms)]
+        waiting = [(k, job.decision.predicted_ms) for k, _, job in sorted(queue)]
+        wait = queue_model.wait_estimate_ms(now, deadline_at, on_cpu, waiting, 1, 0 if running else 1)
         request = RoutingRequest(prompt_tokens=item.prompt_tokens,
                                  requested_max_tokens=item.max_tokens,
-                                 deadline_ms=item.deadline_ms, style=style, hint=hint)
+                                 deadline_ms=item.deadline_ms, style=style, hint=hint,
+                                 run_limit_ms=queue_model.slack_ms(now, deadline_at, on_cpu, waiting, 1))
         decision = choose(request, candidates, policy, wait)
         if isinstance(decision, Refusal):
             outcomes[i] = Outcome(arrival=item, variant=None, refusal_code=decision.code,

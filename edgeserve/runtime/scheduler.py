@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from edgeserve.errors import RefusedError
+from edgeserve.routing import queue
 from edgeserve.runtime.runner import Generation, GenerationJob, LlamaRunner
 
 
@@ -56,35 +57,22 @@ class Scheduler:
 
     def wait_estimate_ms(self, deadline_at: float | None) -> float:
         """Predicted wait for a request with this deadline: what runs now plus what would be
-        served before it, spread over the slots."""
-        now = time.perf_counter()
-        key = math.inf if deadline_at is None else deadline_at
-        running = sum(max(0.0, predicted - (now - started) * 1000)
-                      for started, predicted in self._running.values())
-        ahead = sum(t.predicted_ms for t in self._waiting if t.deadline_key <= key)
-        busy = running + ahead
-        if self._free > 0 and not self._waiting:
-            return 0.0
-        return busy / self.slots
+        served before it, spread over the slots (routing.queue, shared with the simulator)."""
+        return queue.wait_estimate_ms(*self._model(deadline_at), self.slots, self._free)
 
     def slack_ms(self, deadline_at: float | None) -> float | None:
         """The longest a newcomer with this deadline may run without making a request already
-        queued behind it (a later deadline) miss its predicted finish; None when nothing is.
-        Queued requests that are late already are left out: they cannot be saved by refusing
-        the newcomer, and will be refused themselves when their turn comes."""
-        if deadline_at is None:
-            return None  # sorts after everything queued
-        now = time.perf_counter()
-        busy = sum(max(0.0, predicted - (now - started) * 1000) for started, predicted in self._running.values())
-        slack: float | None = None
-        for ticket in sorted(self._waiting):
-            busy += ticket.predicted_ms  # everything up to and including this ticket
-            if ticket.deadline_key <= deadline_at or math.isinf(ticket.deadline_key):
-                continue
-            own = (ticket.deadline_key - now) * 1000 - busy / self.slots
-            if own >= 0:
-                slack = own * self.slots if slack is None else min(slack, own * self.slots)
-        return slack
+        queued behind it (a later deadline) miss its predicted finish; None when nothing is
+        (routing.queue, shared with the simulator)."""
+        return queue.slack_ms(*self._model(deadline_at), self.slots)
+
+    def _model(self, deadline_at: float | None
+               ) -> tuple[float, float | None, list[tuple[float, float]], list[tuple[float, float]]]:
+        """Now, the deadline, what runs and what waits (in EDF order), in ms of perf_counter."""
+        running = [(started * 1000, predicted) for started, predicted in self._running.values()]
+        waiting = [(t.deadline_key * 1000, t.predicted_ms) for t in sorted(self._waiting)]
+        return (time.perf_counter() * 1000, None if deadline_at is None else deadline_at * 1000,
+                running, waiting)
 
     async def start(self, runner: LlamaRunner, job: GenerationJob, predicted_ms: float = 0.0,
                     min_run_ms: float = 0.0,

@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
+
+from edgeserve.routing.stats import percentile
 
 Outcome = Literal["met", "missed", "refused", "error"]
 OUTCOMES: tuple[Outcome, ...] = ("met", "missed", "refused", "error")
@@ -176,17 +178,6 @@ class Summary(msgspec.Struct, frozen=True):
     by_class: dict[str, dict[str, int]]
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = min(max(q, 0.0), 1.0) * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def summarize(events: Iterable[Event], *, target: str, scenario: str, run_s: float,
               service_ms: float) -> Summary:
     events = list(events)
@@ -204,7 +195,8 @@ def summarize(events: Iterable[Event], *, target: str, scenario: str, run_s: flo
         goodput_rps=counts["met"] / run_s,
         offered_rps=len(events) / run_s,
         hit_rate=counts["met"] / admitted if admitted else None,
-        p50_ms=percentile(answered, 0.5), p99_ms=percentile(answered, 0.99),
+        p50_ms=percentile(answered, 50) if answered else None,
+        p99_ms=percentile(answered, 99) if answered else None,
         timeouts=sum(e.timed_out for e in events),
         max_lag_ms=max((e.lag_ms for e in events), default=0.0),
         variants=dict(Counter(e.variant for e in events if e.variant)),

@@ -54,6 +54,7 @@ from edgeserve.routing.costs import CostProfile, decode_steps_ms, predict_ms, pr
 from edgeserve.routing.policy import RoutingRequest, VariantCandidate, choose, format_ms
 from edgeserve.routing.policy_file import PolicyFile, load_policy
 from edgeserve.routing.simulator import crossover_deadline
+from edgeserve.routing.stats import percentile
 from edgeserve.runtime.calibrate import host_name
 from edgeserve.tools.processes import free_port, server_process
 from edgeserve.tools.simulate import candidates_from, load_profiles
@@ -247,17 +248,6 @@ def run_requests(base_url: str, plans: Sequence[PlannedRequest], *, model: str, 
 
 
 # ---- statistics (pure) ----------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile, ``q`` in [0, 100] (numpy's default method)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def ape(predicted: float, actual: float) -> float:

@@ -95,6 +95,20 @@ def test_queue_waits_are_told_to_the_policy(simple_policy: PolicyFile,
     assert result.variant_shares == {"fast": 1.0}
 
 
+def test_a_newcomer_may_not_make_a_queued_request_miss(simple_policy: PolicyFile,
+                                                       fast_slow: list[VariantCandidate]) -> None:
+    """The slack rule of the server's scheduler (routing.queue): the urgent newcomer goes first
+    (EDF) but its budget is capped so the request queued behind it still meets its deadline."""
+    trace = [Arrival(arrival_ms=0, prompt_tokens=50, max_tokens=100),  # runs 0..1000
+             Arrival(arrival_ms=10, prompt_tokens=50, max_tokens=50, deadline_ms=2000),  # 500 ms, by 2010
+             Arrival(arrival_ms=20, prompt_tokens=50, max_tokens=200, deadline_ms=1900)]  # by 1920
+    result = simulate(trace, fast_slow[:1], simple_policy)
+    _, queued, urgent = result.outcomes
+    assert urgent.budget_tokens == 51  # 2010 - 20 - (980 + 500) = 510 ms of slack, not 920 ms
+    assert urgent.start_ms == 1000 and queued.start_ms == urgent.finish_ms
+    assert queued.met_deadline is True and urgent.met_deadline is True
+
+
 def test_overload_is_refused_fast_and_admitted_requests_meet_deadlines(
         study_policy: PolicyFile, study_candidates: list[VariantCandidate]) -> None:
     trace = [Arrival(arrival_ms=i * 60_000.0, prompt_tokens=PROMPT, deadline_ms=2 * HOUR)

@@ -16,7 +16,6 @@ from edgeserve.tools.loadplan import (
     Scenario,
     classify,
     load_scenarios,
-    percentile,
     plan_arrivals,
     read_events,
     summarize,
@@ -96,13 +95,6 @@ def test_users_cover_the_peak_rate_for_the_longest_wait() -> None:
 ])
 def test_classify(status: int | None, elapsed: float, timed_out: bool, expected: str) -> None:
     assert classify(status, elapsed, 1000, timed_out=timed_out) == expected
-
-
-def test_percentile_interpolates() -> None:
-    assert percentile([], 0.5) is None
-    assert percentile([5.0], 0.99) == 5.0
-    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
-    assert percentile(list(map(float, range(101))), 0.99) == pytest.approx(99.0)
 
 
 def event(index: int, outcome: str, elapsed: float = 100.0, **fields: object) -> Event:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from edgeserve.tools.routing_bench import (
     Row,
     adjusted_prediction_ms,
     error_stats,
-    percentile,
     plan_requests,
     report_markdown,
     row_from_response,
@@ -74,12 +72,6 @@ def test_prompt_length_follows_the_target() -> None:
 
 
 # ---- statistics ----------------------------------------------------------------------------
-
-
-def test_percentile_interpolates() -> None:
-    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
-    assert percentile([1.0, 2.0], 90) == pytest.approx(1.9)
-    assert math.isnan(percentile([], 50))
 
 
 def test_error_stats() -> None:

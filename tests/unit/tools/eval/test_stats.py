@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeserve.tools.eval.stats import decode_ms_per_token, percentile, summarize, wilson_interval
+from edgeserve.tools.eval.stats import decode_ms_per_token, summarize, wilson_interval
 from tests.unit.tools.eval.helpers import record
 
 
@@ -30,11 +30,6 @@ def test_wilson_interval_edges() -> None:
     assert (low, high) == pytest.approx((1 - flipped[1], 1 - flipped[0]))
     with pytest.raises(ValueError):
         wilson_interval(5, 4)
-
-
-def test_percentile_interpolates() -> None:
-    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert percentile([5.0], 95) == 5.0
 
 
 def test_summarize_counts_refusals_and_errors_as_wrong_and_rates_over_answered() -> None:
