@@ -1,0 +1,288 @@
+"""One variant's llama.cpp model and context over llama-cpp-python's low-level bindings.
+
+A step is one `llama_decode` of one batch: at most one prefill chunk of a sequence plus the next
+token of every decoding sequence (the shape of llama-server's `update_slots`). Each sequence has
+its own id in the context's KV cache and its own sampler chain. Only the stepping loop's thread
+may call a `Decoder` (llama.cpp contexts are not thread-safe); `tokenize`, `token_piece`,
+`is_eog` and `token_text` only read the vocabulary and may be called from any thread.
+
+Sizing: `n_ctx × parallel` KV cells in all, so each of `parallel` sequences can hold the
+variant's full `n_ctx` (keeping a sequence within `n_ctx` is the caller's job: runtime.sequence
+caps its max tokens by it). Two layouts, as llama-server's `--kv-unified`:
+- split (default): one stream of `n_ctx` cells per sequence id. Each token attends only to its
+  own sequence's cells, so a wide batch with long contexts stays cheap. llama.cpp copies KV
+  between streams only whole (a partial `llama_memory_seq_cp` across streams is a GGML_ASSERT
+  that aborts the process), so `copy_prefix` copies the source's stream and cuts the copy back
+  to the prefix: a memory copy of one stream, far cheaper than recomputing the prefix.
+- unified: one pool shared by every sequence (llama-server's `--kv-unified-per-slot`).
+  `copy_prefix` only tags cells with a second sequence id (no copy, no extra memory), but every
+  token's attention spans the cells of all sequences (masked), which costs more as the batch
+  and the contexts grow.
+
+Native allocations are made once: the `llama_batch` at load (reused by every step), a sampler
+chain per sequence (freed by `free_sequence`, or by `close`). Nothing is allocated per step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import random
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from edgeserve.errors import ModelPreparationError
+from edgeserve.runtime.gguf_check import diagnose
+from edgeserve.runtime.sequence import SamplingParams
+
+PENALTY_LAST_N = 64  # llama-cpp-python's Llama default (last_n_tokens_size)
+MAX_UBATCH = 512
+
+
+class DecodeError(RuntimeError):
+    """llama_decode failed (1: no room in the KV cache for the batch; -1: an invalid batch)."""
+
+    def __init__(self, code: int, n_tokens: int) -> None:
+        reason = {1: "no free KV cache cells for the batch", 2: "aborted", -1: "invalid batch"}
+        super().__init__(f"llama_decode of {n_tokens} tokens failed ({code}: {reason.get(code, 'fatal error')})")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """`tokens` of sequence `seq_id` at positions pos, pos + 1, ...; `logits`: sample a token
+    after the last of them (with that sequence's sampler chain)."""
+
+    seq_id: int
+    tokens: Seq[int]
+    pos: int
+    logits: bool = True
+
+
+class Decoder:
+    """A loaded GGUF file, one llama.cpp context for up to `n_seq_max` sequences."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_ctx: int,
+        n_threads: int,
+        parallel: int = 1,
+        n_batch: int = 512,
+        use_mlock: bool = False,
+        n_seq_max: int | None = None,
+        kv_unified: bool = False,
+        verbose: bool = False,
+    ) -> None:
+        if parallel < 1 or n_ctx < 1 or n_batch < 1:
+            raise ValueError("n_ctx, parallel and n_batch must be positive")
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+        llama_cpp.llama_backend_init()
+        self.path = path
+        self.n_ctx = n_ctx  # per sequence
+        self.parallel = parallel
+        self.n_seq_max = max(parallel, n_seq_max or parallel)
+        self.n_batch = n_batch  # tokens one step can hold
+        self.kv_unified = kv_unified
+        self._samplers: dict[int, Any] = {}
+        self._closed = False
+
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mlock else llama_cpp.LLAMA_LOAD_MODE_MMAP
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise ModelPreparationError(f"cannot load {path}: {diagnose(path)}")
+
+        params = llama_cpp.llama_context_default_params()
+        # split streams: n_ctx per sequence id (llama.cpp divides the total by n_seq_max)
+        params.n_ctx = n_ctx * (parallel if kv_unified else self.n_seq_max)
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, MAX_UBATCH)
+        params.n_seq_max = self.n_seq_max
+        params.kv_unified = kv_unified
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise ModelPreparationError(f"cannot create a context of {n_ctx} × {parallel} tokens for {path}")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+
+        self.bos_token: int = llama_cpp.llama_vocab_bos(self._vocab)
+        self.eos_token: int = llama_cpp.llama_vocab_eos(self._vocab)
+        self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self.chat_template: str | None = self._meta("tokenizer.chat_template")
+
+    # ---- vocabulary ------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        size = 4096
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary's text of a token ("" for -1): BOS/EOS texts for chat templates."""
+        if token < 0:
+            return ""
+        text: bytes | None = llama_cpp.llama_vocab_get_text(self._vocab, token)
+        return (text or b"").decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """`add_special`: a BOS if the model wants one (raw completions); `parse_special`: read
+        "<|im_start|>" and the like as special tokens (rendered chat prompts)."""
+        data = text.encode("utf-8")
+        size = len(data) + 2
+        while True:
+            tokens = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, size, add_special, parse_special)
+            if n >= 0:
+                return list(tokens[:n])
+            size = -n
+
+    def token_piece(self, token: int, *, special: bool = False) -> bytes:
+        """A token's bytes (part of a UTF-8 character, maybe); control tokens are b"" unless `special`."""
+        size = 32
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # ---- sequences -------------------------------------------------------------------------
+
+    def new_sequence(self, seq_id: int, sampling: SamplingParams) -> None:
+        """Give `seq_id` a fresh sampler chain and an empty KV cache."""
+        if not 0 <= seq_id < self.n_seq_max:
+            raise ValueError(f"sequence id {seq_id} is outside 0..{self.n_seq_max - 1}")
+        self.free_sequence(seq_id)
+        self._samplers[seq_id] = self._sampler_chain(sampling)
+
+    def free_sequence(self, seq_id: int) -> None:
+        """Drop the sequence's KV cells (those shared with another sequence stay its) and its
+        sampler chain. Freeing an unknown or already freed sequence does nothing."""
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        sampler = self._samplers.pop(seq_id, None)
+        if sampler is not None:
+            llama_cpp.llama_sampler_free(sampler)
+
+    def copy_prefix(self, src: int, dst: int, n_tokens: int) -> None:
+        """Give `dst` the KV of `src`'s positions 0..n_tokens-1; `dst` then continues at
+        position n_tokens. Whatever `dst` held before is dropped (its sampler stays)."""
+        if not 0 < n_tokens <= self.n_past(src):
+            raise ValueError(f"sequence {src} holds {self.n_past(src)} positions, not {n_tokens}")
+        llama_cpp.llama_memory_seq_rm(self._memory, dst, -1, -1)
+        if self.kv_unified:
+            llama_cpp.llama_memory_seq_cp(self._memory, src, dst, 0, n_tokens)
+        else:  # across streams only whole copies are allowed (the data moves at the next decode)
+            llama_cpp.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self._memory, dst, n_tokens, -1)
+
+    def accept(self, seq_id: int, tokens: Iterable[int]) -> None:
+        """Tell a sequence's sampler about tokens fed without sampling (a forced prefix), so
+        repetition penalties see them. Sampled tokens are accepted by `step` itself."""
+        sampler = self._samplers[seq_id]
+        for token in tokens:
+            llama_cpp.llama_sampler_accept(sampler, token)
+
+    def n_past(self, seq_id: int) -> int:
+        """How many positions the sequence holds in the KV cache (largest position + 1)."""
+        return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id)) + 1
+
+    def _sampler_chain(self, s: SamplingParams) -> Any:
+        """The chain llama-cpp-python's Llama builds (`_init_sampler`): penalties, then greedy
+        (temperature <= 0) or top-k, top-p, min-p, temperature and a seeded draw. Neutral
+        penalties and typical-p = 1 are left out: llama.cpp skips them anyway."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        links = []
+        if s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0 or s.presence_penalty != 0.0:
+            links.append(llama_cpp.llama_sampler_init_penalties(
+                self.n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))
+        if s.temperature <= 0:
+            links.append(llama_cpp.llama_sampler_init_greedy())
+        else:
+            links += [
+                llama_cpp.llama_sampler_init_top_k(s.top_k),
+                llama_cpp.llama_sampler_init_top_p(s.top_p, 1),
+                llama_cpp.llama_sampler_init_min_p(s.min_p, 1),
+                llama_cpp.llama_sampler_init_temp(s.temperature),
+                llama_cpp.llama_sampler_init_dist(s.seed if s.seed is not None else random.getrandbits(32)),
+            ]
+        for link in links:
+            llama_cpp.llama_sampler_chain_add(chain, link)  # the chain owns and frees its links
+        return chain
+
+    # ---- the step --------------------------------------------------------------------------
+
+    def step(self, entries: Seq[BatchEntry]) -> dict[int, int]:
+        """Evaluate every entry in one llama_decode; returns {seq_id: sampled token} for the
+        entries that wanted logits. Each sequence appears at most once, and its tokens must
+        continue exactly where its KV cache ends (llama.cpp checks positions)."""
+        batch = self._batch
+        outputs: list[tuple[int, int]] = []  # (seq_id, index in the batch)
+        n = 0
+        for entry in entries:
+            if entry.seq_id not in self._samplers:
+                raise KeyError(f"sequence {entry.seq_id} was not started with new_sequence")
+            if not entry.tokens:
+                raise ValueError(f"an entry of sequence {entry.seq_id} has no tokens")
+            if any(seq_id == entry.seq_id for seq_id, _ in outputs):
+                raise ValueError(f"sequence {entry.seq_id} appears twice in one step")
+            if n + len(entry.tokens) > self.n_batch:
+                raise ValueError(f"the step holds more than n_batch = {self.n_batch} tokens")
+            for offset, token in enumerate(entry.tokens):
+                batch.token[n] = token
+                batch.pos[n] = entry.pos + offset
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = entry.seq_id
+                batch.logits[n] = 0
+                n += 1
+            if entry.logits:
+                batch.logits[n - 1] = 1
+                outputs.append((entry.seq_id, n - 1))
+        if n == 0:
+            return {}
+        batch.n_tokens = n
+        code = llama_cpp.llama_decode(self._ctx, batch)
+        if code != 0:
+            raise DecodeError(code, n)
+        return {seq_id: int(llama_cpp.llama_sampler_sample(self._samplers[seq_id], self._ctx, index))
+                for seq_id, index in outputs}
+
+    # ---- lifetime --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free every sampler, the batch, the context and the model (once; later calls do nothing)."""
+        if self._closed:
+            return
+        self._closed = True
+        for sampler in self._samplers.values():
+            llama_cpp.llama_sampler_free(sampler)
+        self._samplers.clear()
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        llama_cpp.llama_model_free(self._model)
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
