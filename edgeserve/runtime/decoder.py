@@ -169,17 +169,23 @@ class Decoder:
 
     # ---- sequences -------------------------------------------------------------------------
 
-    def new_sequence(self, seq_id: int, sampling: SamplingParams) -> None:
-        """Give `seq_id` a fresh sampler chain and an empty KV cache."""
+    def new_sequence(self, seq_id: int, sampling: SamplingParams, *, keep: int = 0) -> None:
+        """Give `seq_id` a fresh sampler chain; of the KV it held, keep positions 0..keep-1
+        (a new prompt that starts like the previous one of this id) and drop the rest."""
         if not 0 <= seq_id < self.n_seq_max:
             raise ValueError(f"sequence id {seq_id} is outside 0..{self.n_seq_max - 1}")
-        self.free_sequence(seq_id)
+        if not 0 <= keep <= self.n_past(seq_id):
+            raise ValueError(f"sequence {seq_id} holds {self.n_past(seq_id)} positions, cannot keep {keep}")
+        self.free_sequence(seq_id, keep_kv=True)  # the sampler of its previous request, if any
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, keep, -1)
         self._samplers[seq_id] = self._sampler_chain(sampling)
 
-    def free_sequence(self, seq_id: int) -> None:
-        """Drop the sequence's KV cells (those shared with another sequence stay its) and its
-        sampler chain. Freeing an unknown or already freed sequence does nothing."""
-        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+    def free_sequence(self, seq_id: int, *, keep_kv: bool = False) -> None:
+        """Drop the sequence's sampler chain and KV cells (cells shared with another sequence
+        stay that one's); `keep_kv` keeps the cells for a later prompt with the same prefix.
+        Freeing an unknown or already freed sequence does nothing."""
+        if not keep_kv:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         sampler = self._samplers.pop(seq_id, None)
         if sampler is not None:
             llama_cpp.llama_sampler_free(sampler)

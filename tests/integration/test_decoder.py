@@ -177,3 +177,24 @@ def test_vocabulary(decoder: Decoder) -> None:
     assert b"".join(decoder.token_piece(t) for t in tokens).decode() == "café €"
     assert decoder.token_piece(decoder.eos_token) == b""
     assert decoder.token_piece(decoder.eos_token, special=True) == b"<|im_end|>"
+
+
+def test_a_sequence_id_reused_for_a_prompt_with_the_same_prefix_keeps_that_prefix(decoder: Decoder) -> None:
+    first, second = chat(decoder, QUESTIONS[0], SYSTEM), chat(decoder, QUESTIONS[3], SYSTEM)
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    expected = alone(decoder, second, 16)
+
+    decoder.new_sequence(0, GREEDY)
+    decoder.step([BatchEntry(0, first, 0)])
+    decoder.free_sequence(0, keep_kv=True)  # the request ended; its KV stays for the next one
+    assert decoder.n_past(0) == len(first)
+    with pytest.raises(ValueError):
+        decoder.new_sequence(0, GREEDY, keep=len(first) + 1)
+    decoder.new_sequence(0, GREEDY, keep=shared)
+    assert decoder.n_past(0) == shared
+    tokens = [decoder.step([BatchEntry(0, second[shared:], shared)])[0]]
+    while len(tokens) < 16:
+        tokens.append(decoder.step([BatchEntry(0, [tokens[-1]], len(second) + len(tokens) - 1)])[0])
+    decoder.free_sequence(0)
+    assert decoder.n_past(0) == 0
+    assert tokens == expected
