@@ -37,11 +37,13 @@ def routed(base: str, family: str) -> httpx.Response:
 
 
 def test_each_family_routes_by_its_own_curves(base: str) -> None:
-    # policies/smollm2-135m.toml at 64 tokens: q4_1 0.025 over q2_k and q8_0 at 0.0;
-    # tests/data/policies/smollm2-135m-b.toml: q2_k 0.70 over q4_1 0.30 and q8_0 0.15.
+    # policies/smollm2-135m.toml at 64 tokens: q2_k 0.0, below q4_1 and q8_0 (0.025 each, the
+    # faster of the two wins the tie); tests/data/policies/smollm2-135m-b.toml: q2_k 0.70 over
+    # q4_1 0.30 and q8_0 0.15. The same variant names, the same files: only the curves differ.
     first = routed(base, "smollm2-135m")
     second = routed(base, "smollm2-135m-b")
-    assert first.headers["X-Edgeserve-Variant"] == "smollm2-135m:q4_1", first.json()["edgeserve"]["reason"]
+    assert first.headers["X-Edgeserve-Variant"] in ("smollm2-135m:q4_1", "smollm2-135m:q8_0"), \
+        first.json()["edgeserve"]["reason"]
     assert second.headers["X-Edgeserve-Variant"] == "smollm2-135m-b:q2_k", second.json()["edgeserve"]["reason"]
     assert "0.70 expected accuracy" in second.json()["edgeserve"]["reason"]
 
