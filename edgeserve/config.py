@@ -40,6 +40,9 @@ class VariantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
     n_batch: PositiveInt = 512
     chat_template: str | None = None
     use_mlock: bool = False  # pin the weights in RAM (needs LimitMEMLOCK= under systemd)
+    # How many requests of this variant share one batch (decoded together per step). Each keeps
+    # the full n_ctx: the KV cache holds n_ctx × parallel tokens. 1: one request at a time.
+    parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
 
     @property
     def threads(self) -> int:

@@ -4,7 +4,8 @@
 `build` does the I/O of start-up that must succeed before the port opens (models.toml, the
 policies, preparing the model files, the memory check); `assemble` wires the parts:
 
-    ModelRegistry (runners) ─ ResidencyManager (memory budget) ─ Scheduler (CPU slots)
+    Stepper (the one loop that owns the CPU) ─ ModelRegistry (a runner per local variant, each a
+      lane of the loop) ─ ResidencyManager (memory budget)
       └ Catalog: LocalVariant / RemoteVariant, one contract ─ ProfileSaver (their profiles)
     Metrics ─ Pipeline (admission → run → record) ─ Startup (lifespan: load, calibrate, probe)
       └ the litestar app (edgeserve.http.app), served by edgeserve.lifecycle
@@ -33,7 +34,7 @@ from edgeserve.runtime.loader import ResidencyManager
 from edgeserve.runtime.memory import check_memory, format_bytes
 from edgeserve.runtime.prepare import PreparedVariant, prepare_models
 from edgeserve.runtime.registry import ModelRegistry
-from edgeserve.runtime.scheduler import Scheduler
+from edgeserve.runtime.stepper import Stepper
 from edgeserve.sdnotify import Notifier
 from edgeserve.settings import ServerSettings
 from edgeserve.startup import ProfileSaver, Startup
@@ -61,7 +62,7 @@ def serve(settings: ServerSettings) -> int:
         log.info("auth", api_keys=len(settings.api_keys),
                  open_paths="/health, /ready" + (", /metrics" if settings.metrics_public else ""))
     server = build(settings)
-    log.info("serving", host=settings.host, port=settings.port, slots=settings.slots,
+    log.info("serving", host=settings.host, port=settings.port, prefill_chunk=settings.prefill_chunk,
              variants=[str(vid) for vid in server.pipeline.catalog.local], grace_s=settings.grace_s)
     return serve_until_stopped(server.pipeline, server.app, server.startup, settings.host, settings.port,
                                server.notifier, settings.grace_s)
@@ -89,17 +90,17 @@ def assemble(settings: ServerSettings, models: ModelsFile, prepared: dict[str, P
              policies: Mapping[str, PolicyFile], notifier: Notifier) -> Server:
     """Wire the parts (no I/O but reading the model files' sizes); nothing runs until the app's
     lifespan starts."""
-    registry = ModelRegistry(models, prepared)
+    stepper = Stepper(settings.prefill_chunk, settings.max_queue)
+    registry = ModelRegistry(models, prepared, stepper)
     residency = ResidencyManager(registry.runners, settings.memory_budget_bytes, settings.min_residency_s)
     log.info("residency", budget=format_bytes(residency.budget_bytes) if residency.budget_bytes is not None
              else "unlimited", min_residency_s=settings.min_residency_s,
              detail="every variant stays loaded" if residency.fits_all else
              "the variants do not all fit: they are loaded on demand, least recently used evicted")
-    scheduler = Scheduler(settings.slots, settings.max_queue)
-    catalog = Catalog.build(registry, scheduler, residency, on_observed=lambda: saver.changed())
+    catalog = Catalog.build(registry, residency, on_observed=lambda: saver.changed())
     saver = ProfileSaver(catalog.local_profiles, settings.cache_dir)  # at most every 30 s, and at exit
-    metrics = Metrics(catalog, scheduler, residency)
-    pipeline = Pipeline(catalog, scheduler, policies, metrics)
+    metrics = Metrics(catalog, stepper, residency)
+    pipeline = Pipeline(catalog, stepper, policies, metrics)
     plan = CalibrationPlan.quick() if settings.calibration == "quick" else CalibrationPlan()
     startup = Startup(catalog, residency, settings.cache_dir, plan, notifier, saver)
     app = create_app(pipeline, metrics, startup, settings)

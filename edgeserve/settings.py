@@ -39,8 +39,8 @@ class ServerSettings(msgspec.Struct, kw_only=True, frozen=True):
     cache_dir: Path
     host: str = "127.0.0.1"
     port: int = 8080
-    slots: int = 1  # generations at once across all variants
-    max_queue: int = 64  # requests waiting for a slot before new ones get 429
+    prefill_chunk: int = 64  # prompt tokens evaluated per step beside the running streams
+    max_queue: int = 64  # requests waiting for a place in a batch before new ones get 429
     default_deadline_ms: int | None = None  # for requests without X-Deadline-Ms; None: best quality
     max_body_bytes: int = 1024 * 1024
     api_keys: tuple[str, ...] = ()  # empty: no authentication
@@ -61,8 +61,10 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--cache-dir", type=Path, help="where prepared models go (env EDGESERVE_CACHE_DIR)")
     serve.add_argument("--host", help="bind address (env EDGESERVE_HOST; default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (env EDGESERVE_PORT; default 8080)")
-    serve.add_argument("--slots", type=int,
-                       help="generations at once across all variants (env EDGESERVE_SLOTS; default 1)")
+    serve.add_argument("--prefill-chunk", type=int,
+                       help="prompt tokens evaluated per step next to the running streams: a long prompt "
+                            "delays them by at most one chunk (env EDGESERVE_PREFILL_CHUNK; default 64). "
+                            "How many requests share a batch is `parallel` per variant in models.toml")
     serve.add_argument("--log-format", choices=["auto", "json", "console"],
                        help="log lines as JSON or for a terminal (env EDGESERVE_LOG_FORMAT; default auto)")
     serve.add_argument("--policy", type=Path,
@@ -121,7 +123,7 @@ def build_settings(flags: argparse.Namespace, environ: Mapping[str, str] = os.en
 
     host = pick("host", "EDGESERVE_HOST", str, "127.0.0.1")
     port = pick("port", "EDGESERVE_PORT", int, 8080)
-    slots = pick("slots", "EDGESERVE_SLOTS", int, 1)
+    prefill_chunk = pick("prefill_chunk", "EDGESERVE_PREFILL_CHUNK", int, 64)
     max_queue = pick("max_queue", "EDGESERVE_MAX_QUEUE", int, 64)
     deadline = pick("default_deadline_ms", "EDGESERVE_DEFAULT_DEADLINE_MS", int, 0) or None
     max_body = pick("max_body_bytes", "EDGESERVE_MAX_BODY_BYTES", int, 1024 * 1024)
@@ -137,7 +139,7 @@ def build_settings(flags: argparse.Namespace, environ: Mapping[str, str] = os.en
         metrics_public = environ.get("EDGESERVE_METRICS_PUBLIC", "").lower() in ("1", "true", "yes")
 
     checks = [
-        (slots >= 1, "--slots must be at least 1"),
+        (prefill_chunk >= 1, "--prefill-chunk must be at least 1"),
         (max_queue >= 0, "--max-queue must not be negative"),
         (0 <= port <= 65535, f"--port {port} is not a TCP port (0 to 65535)"),
         (deadline is None or 1 <= deadline <= MAX_DEADLINE_MS, "--default-deadline-ms must be from 1 to 3600000"),
@@ -153,7 +155,7 @@ def build_settings(flags: argparse.Namespace, environ: Mapping[str, str] = os.en
     return ServerSettings(
         models_path=getattr(flags, "models", None) or default_models_path(environ),
         cache_dir=getattr(flags, "cache_dir", None) or default_cache_dir(environ),
-        host=host, port=port, slots=slots, max_queue=max_queue, default_deadline_ms=deadline,
+        host=host, port=port, prefill_chunk=prefill_chunk, max_queue=max_queue, default_deadline_ms=deadline,
         max_body_bytes=max_body,
         api_keys=_api_keys(getattr(flags, "api_key", None) or [], environ.get("EDGESERVE_API_KEYS"), key_file),
         metrics_public=metrics_public,

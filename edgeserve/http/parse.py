@@ -10,7 +10,7 @@ import msgspec
 from edgeserve.errors import InvalidRequestError
 from edgeserve.http.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from edgeserve.pipeline.request import InferenceRequest
-from edgeserve.runtime.runner import SamplingParams
+from edgeserve.runtime.sequence import SamplingParams
 
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)

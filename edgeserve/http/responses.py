@@ -23,7 +23,7 @@ from edgeserve.http.schemas import (
 )
 from edgeserve.pipeline.admission import Admission
 from edgeserve.pipeline.run import Run
-from edgeserve.runtime.runner import GenerationResult
+from edgeserve.runtime.sequence import GenerationResult
 
 _encoder = msgspec.json.Encoder()
 

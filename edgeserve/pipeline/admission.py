@@ -12,7 +12,6 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 from edgeserve.errors import (
     ContextLengthExceededError,
@@ -27,17 +26,9 @@ from edgeserve.routing.policy import Decision, Refusal, RoutingRequest, VariantC
 from edgeserve.routing.policy_file import PolicyFile
 from edgeserve.runtime.catalog import Catalog
 from edgeserve.runtime.registry import Target
-from edgeserve.runtime.runner import AnswerForcing, GenerationJob
+from edgeserve.runtime.sequence import AnswerForcing, GenerationJob
 from edgeserve.runtime.variant import Prompt, Variant
 from edgeserve.variant_id import VariantId
-
-
-class LocalQueue(Protocol):
-    """What admission needs to know of the local CPU slots (the scheduler)."""
-
-    def wait_estimate_ms(self, deadline_at: float | None) -> float: ...
-
-    def slack_ms(self, deadline_at: float | None) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -61,9 +52,8 @@ class Admission:
 
 
 class Admitter:
-    def __init__(self, catalog: Catalog, queue: LocalQueue, policies: Mapping[str, PolicyFile]) -> None:
+    def __init__(self, catalog: Catalog, policies: Mapping[str, PolicyFile]) -> None:
         self.catalog = catalog
-        self.queue = queue
         self.policies = policies  # family name → its policy (quality curves of its variants)
 
     async def admit(self, request: InferenceRequest) -> Admission:
@@ -99,9 +89,9 @@ class Admitter:
     def decide(self, request: InferenceRequest, target: Target, prompt_tokens: int, probe_n_ctx: int,
                hint_on: bool, candidates: list[VariantCandidate], policy: PolicyFile) -> Decision | Refusal:
         """THE routing decision: the family's candidates as they are now (profiles, availability,
-        load times), the time left of the deadline and what waits for the CPU, given to the pure
-        policy (`edgeserve.routing.policy.choose`)."""
-        deadline_at = request.deadline_at
+        load times), the time left of the deadline and what the stepping loop runs and holds
+        (the board: a local variant is judged by when the newcomer and everyone already admitted
+        would finish), given to the pure policy (`edgeserve.routing.policy.choose`)."""
         spent_ms = (time.perf_counter() - request.arrived) * 1000
         routing = RoutingRequest(
             prompt_tokens=prompt_tokens,
@@ -110,9 +100,8 @@ class Admitter:
             pinned=None if target.pinned_id is None else str(target.pinned_id),
             style=request.style,
             hint=hint_on,
-            run_limit_ms=self.queue.slack_ms(deadline_at),
         )
-        return choose(routing, candidates, policy, self.queue.wait_estimate_ms(deadline_at))
+        return choose(routing, candidates, policy, 0.0, self.catalog.board())
 
     @staticmethod
     def _check_style(request: InferenceRequest, policy: PolicyFile) -> None:

@@ -10,19 +10,19 @@ from typing import Protocol
 
 from edgeserve.errors import EdgeserveError, ModelNotFoundError, RemoteUnavailableError, ShuttingDownError
 from edgeserve.logging import get_logger
-from edgeserve.pipeline.admission import Admission, Admitter, LocalQueue
+from edgeserve.pipeline.admission import Admission, Admitter
 from edgeserve.pipeline.record import MetricsSink, Recorder
 from edgeserve.pipeline.request import InferenceRequest
 from edgeserve.pipeline.run import Run
 from edgeserve.routing.policy_file import PolicyFile
 from edgeserve.runtime.catalog import Catalog
-from edgeserve.runtime.runner import Generation
+from edgeserve.runtime.generation import Generation
 
 log = get_logger("edgeserve.pipeline")
 
 
-class SlotQueue(LocalQueue, Protocol):
-    """The scheduler as the pipeline sees it: admission's estimates, and what a stop needs."""
+class LocalLoop(Protocol):
+    """The stepping loop as the pipeline sees it: what a stop needs."""
 
     @property
     def queue_depth(self) -> int: ...
@@ -30,16 +30,16 @@ class SlotQueue(LocalQueue, Protocol):
     @property
     def running(self) -> int: ...
 
-    def refuse_waiting(self, error: Exception) -> None: ...
+    def refuse_waiting(self, error: Exception) -> int: ...
 
 
 class Pipeline:
-    def __init__(self, catalog: Catalog, queue: SlotQueue, policies: Mapping[str, PolicyFile],
+    def __init__(self, catalog: Catalog, queue: LocalLoop, policies: Mapping[str, PolicyFile],
                  metrics: MetricsSink | None = None) -> None:
         self.catalog = catalog
         self.queue = queue
         self.policies = policies
-        self.admitter = Admitter(catalog, queue, policies)
+        self.admitter = Admitter(catalog, policies)
         self.recorder = Recorder(metrics)
         self.draining = False  # set on the first SIGTERM: finish what is admitted, admit nothing
         self.in_flight = 0  # admitted requests whose response is not finished (see `finished`)

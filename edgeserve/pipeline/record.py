@@ -23,7 +23,7 @@ from edgeserve.errors import (
 )
 from edgeserve.logging import get_logger
 from edgeserve.routing.costs import CostProfile, predict_ms
-from edgeserve.runtime.runner import GenerationResult
+from edgeserve.runtime.sequence import GenerationResult
 
 if TYPE_CHECKING:
     from edgeserve.pipeline.admission import Admission

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from edgeserve.runtime.runner import SamplingParams
+from edgeserve.runtime.sequence import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from edgeserve.errors import EdgeserveError, GenerationFailedError
 from edgeserve.pipeline.admission import Admission
 from edgeserve.pipeline.record import Recorder
 from edgeserve.pipeline.request import InferenceRequest
-from edgeserve.runtime.runner import Generation, GenerationResult
+from edgeserve.runtime.generation import Generation
+from edgeserve.runtime.sequence import GenerationResult
 
 if TYPE_CHECKING:
     from edgeserve.pipeline.pipeline import Pipeline

@@ -18,7 +18,8 @@ from pathlib import Path
 from edgeserve.jsonfiles import read_json, write_json
 from edgeserve.routing.costs import CostProfile, fit_profile
 from edgeserve.runtime.prepare import sha256_of
-from edgeserve.runtime.runner import GenerationJob, LlamaRunner, SamplingParams
+from edgeserve.runtime.runner import LlamaRunner
+from edgeserve.runtime.sequence import GenerationJob, SamplingParams
 from edgeserve.variant_id import VariantId
 
 FILLER = (

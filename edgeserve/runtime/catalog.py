@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
+from edgeserve.routing.batching import Board
 from edgeserve.routing.costs import CostProfile
 from edgeserve.runtime.loader import ResidencyManager
 from edgeserve.runtime.local import LocalVariant
 from edgeserve.runtime.registry import ModelRegistry, Target
 from edgeserve.runtime.remote import RemoteVariant
-from edgeserve.runtime.scheduler import Scheduler
 from edgeserve.runtime.variant import Variant
 from edgeserve.variant_id import VariantId
 
@@ -26,10 +27,10 @@ class Catalog:
         self._all: dict[VariantId, Variant] = {vid: self.variant_of(vid) for vid in registry.ids}
 
     @classmethod
-    def build(cls, registry: ModelRegistry, scheduler: Scheduler, residency: ResidencyManager | None,
+    def build(cls, registry: ModelRegistry, residency: ResidencyManager | None,
               profiles: dict[VariantId, CostProfile] | None = None,
               on_observed: Callable[[], None] | None = None) -> Catalog:
-        """One LocalVariant per runner (sharing the scheduler and the memory budget), one
+        """One LocalVariant per runner (sharing the stepping loop and the memory budget), one
         RemoteVariant per remote variant, counting its prompts with its family's default."""
         profiles = profiles or {}
         local: dict[VariantId, LocalVariant] = {}
@@ -37,7 +38,7 @@ class Catalog:
         for family in registry.models.families:
             for variant in family.local_variants:
                 vid = VariantId(family.name, variant.name)
-                local[vid] = LocalVariant(vid, registry.runners[str(vid)], scheduler, residency,
+                local[vid] = LocalVariant(vid, registry.runners[str(vid)], residency,
                                           profiles.get(vid), on_observed)
         for family in registry.models.families:
             counter = local[VariantId(family.name, family.default.name)]
@@ -79,6 +80,13 @@ class Catalog:
         for vid, variant in self.local.items():
             if str(vid) in profiles:
                 variant.profile = profiles[str(vid)]
+
+    def board(self) -> Board:
+        """The stepping loop as admission sees it now: what runs and waits on every local
+        variant with a profile (routing.batching predicts from it who finishes when)."""
+        profiles = {str(vid): v.profile for vid, v in self.local.items() if v.profile is not None}
+        parallel = {str(vid): v.parallel for vid, v in self.local.items()}
+        return self.registry.stepper.board(profiles, parallel, time.perf_counter())
 
     def local_profiles(self) -> dict[str, CostProfile]:
         """The live profiles of the local variants (what start-up stored and the saver writes)."""

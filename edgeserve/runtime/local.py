@@ -1,35 +1,48 @@
 """A local variant: one GGUF on this board, behind the Variant contract.
 
-It wraps the variant's runner (llama.cpp context and thread), the CPU slots shared by every
-local variant (the scheduler, earliest deadline first) and the memory budget (residency).
-`start` is the only place that hands a job to the scheduler and the runner: the batched runtime
-replaces what happens inside it, nothing around it.
+It wraps the variant's runner (its llama.cpp context, a lane of the stepping loop shared by
+every local variant) and the memory budget (residency). `start` is the only place that hands a
+job to the runtime.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from edgeserve.errors import NotReadyError
-from edgeserve.routing.costs import CostProfile, observe
+from edgeserve.routing.costs import CostProfile, observe, width_factor
 from edgeserve.routing.policy import VariantCandidate
+from edgeserve.runtime.generation import Generation
 from edgeserve.runtime.loader import ResidencyManager
-from edgeserve.runtime.runner import Generation, GenerationJob, GenerationResult, LlamaRunner
-from edgeserve.runtime.scheduler import Scheduler
+from edgeserve.runtime.runner import LlamaRunner
+from edgeserve.runtime.sequence import GenerationJob, GenerationResult
 from edgeserve.runtime.variant import Prompt, VariantInfo
 from edgeserve.variant_id import VariantId
 
 
 class LocalVariant:
-    def __init__(self, variant_id: VariantId, runner: LlamaRunner, scheduler: Scheduler,
+    def __init__(self, variant_id: VariantId, runner: LlamaRunner,
                  residency: ResidencyManager | None = None, profile: CostProfile | None = None,
                  on_observed: Callable[[], None] | None = None) -> None:
         self._id = variant_id
         self.runner = runner
-        self._scheduler = scheduler
         self._residency = residency  # None: every variant stays loaded (no memory budget)
-        self.profile: CostProfile | None = profile  # set by start-up (calibration or the stored one)
+        self.profile = profile  # set by start-up (calibration or the stored one)
         self._on_observed = on_observed  # the profile changed: the saver writes it out later
+
+    @property
+    def profile(self) -> CostProfile | None:
+        return self.runner.profile
+
+    @profile.setter
+    def profile(self, profile: CostProfile | None) -> None:
+        """The runner keeps it too: its lane predicts the rest of a prefill from it."""
+        self.runner.profile = profile
+
+    @property
+    def parallel(self) -> int:
+        return self.runner.parallel
 
     @property
     def id(self) -> VariantId:
@@ -99,18 +112,31 @@ class LocalVariant:
 
     async def start(self, job: GenerationJob, prompt: Prompt, *, predicted_ms: float,
                     min_run_ms: float) -> tuple[Generation, float]:
-        """Wait for a CPU slot (earliest deadline first), make the variant resident inside it
-        (so a load competes for the CPU like a generation), then run the job on the runner."""
+        """Make the variant resident (under a memory budget), hand the job to the stepping loop
+        and wait until it takes a place in the variant's batch (earliest deadline first); a
+        request whose deadline can no longer fit its shortest useful run by then is refused."""
         runner, residency = self._runner(), self._residency
-        return await self._scheduler.start(
-            runner, job, predicted_ms, min_run_ms,
-            prepare=None if residency is None else lambda: residency.ensure(runner))
+        if residency is not None:
+            await residency.ensure(runner)
+        generation = runner.submit(job, min_run_ms=min_run_ms)
+        try:
+            queue_ms = await generation.joined
+        except asyncio.CancelledError:  # the client left while waiting for a place
+            generation.cancel()
+            raise
+        return generation, queue_ms
 
     def observe(self, result: GenerationResult) -> None:
+        """Fold a finished request into the profile. Its decode steps ran at a mean batch width:
+        their time is brought back to one sequence's (the profile's width factors) before the
+        EWMA, so the profile stays the cost of a step of one and the width factors its growth."""
         if self.profile is None or result.finish == "cancelled":
             return
-        self.profile = observe(self.profile, result.prompt_evaluated, result.prompt_ms,
-                               len(result.token_ms), sum(result.token_ms))
+        steps = len(result.token_ms)
+        decode_ms = sum(result.token_ms)
+        if result.step_ms > 0:
+            decode_ms = result.step_ms / width_factor(self.profile, round(result.mean_batch))
+        self.profile = observe(self.profile, result.prompt_evaluated, result.prompt_ms, steps, decode_ms)
         if self._on_observed is not None:
             self._on_observed()
 

@@ -9,6 +9,7 @@ from edgeserve.config import FamilyConfig, ModelsFile, VariantConfig
 from edgeserve.errors import ModelNotFoundError, NotReadyError
 from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.runner import LlamaRunner
+from edgeserve.runtime.stepper import Stepper
 from edgeserve.variant_id import SEPARATOR, VariantId
 
 
@@ -41,16 +42,18 @@ class Target:
 
 class ModelRegistry:
     """The families of models.toml and one LlamaRunner per local variant (keyed by the runner's
-    own id, ``str(VariantId)``). The variants requests run on, local and remote behind one
-    contract, are in `edgeserve.runtime.catalog`."""
+    own id, ``str(VariantId)``), all in one stepping loop. The variants requests run on, local
+    and remote behind one contract, are in `edgeserve.runtime.catalog`."""
 
-    def __init__(self, models: ModelsFile, prepared: dict[str, PreparedVariant]) -> None:
+    def __init__(self, models: ModelsFile, prepared: dict[str, PreparedVariant],
+                 stepper: Stepper | None = None) -> None:
         self.models = models
+        self.stepper = stepper or Stepper()
         self.runners: dict[str, LlamaRunner] = {}
         for family in models.families:
             for variant in family.local_variants:
                 variant_id = str(VariantId(family.name, variant.name))
-                self.runners[variant_id] = LlamaRunner(variant_id, prepared[variant_id].path, variant)
+                self.runners[variant_id] = LlamaRunner(variant_id, prepared[variant_id].path, variant, self.stepper)
 
     @property
     def ids(self) -> list[VariantId]:
@@ -105,5 +108,8 @@ class ModelRegistry:
                 on_loaded(runner)
 
     def close(self) -> None:
+        """End the loop (what still runs ends as cancelled, what waits is refused), then free
+        every variant."""
+        self.stepper.close()
         for runner in self.runners.values():
             runner.close()

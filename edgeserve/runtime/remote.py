@@ -27,7 +27,8 @@ from edgeserve.logging import get_logger
 from edgeserve.routing.costs import CostProfile, fit_profile, observe
 from edgeserve.routing.policy import VariantCandidate
 from edgeserve.runtime.breaker import CircuitBreaker
-from edgeserve.runtime.runner import TAIL_RESERVE_S, Finish, Generation, GenerationJob, GenerationResult
+from edgeserve.runtime.generation import Generation
+from edgeserve.runtime.sequence import TAIL_RESERVE_S, Finish, GenerationJob, GenerationResult
 from edgeserve.runtime.variant import Prompt, Variant, VariantInfo
 from edgeserve.variant_id import VariantId
 

@@ -79,6 +79,8 @@ class GenerationResult:
     prompt_evaluated: int = 0  # prompt tokens actually decoded (the rest came from the KV cache)
     cache_n: int = 0  # prompt tokens whose KV was reused
     mean_batch: float = 1.0  # mean batch width of the request's decode steps
+    step_ms: float = 0.0  # llama.cpp time of the decode steps it took part in (no waits between them)
+    queue_ms: float = 0.0  # waiting for a place in its variant's batch
 
 
 @dataclass(frozen=True)

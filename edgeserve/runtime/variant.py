@@ -22,7 +22,8 @@ from typing import Literal, Protocol
 
 from edgeserve.routing.costs import CostProfile
 from edgeserve.routing.policy import VariantCandidate
-from edgeserve.runtime.runner import Generation, GenerationJob, GenerationResult
+from edgeserve.runtime.generation import Generation
+from edgeserve.runtime.sequence import GenerationJob, GenerationResult
 from edgeserve.variant_id import VariantId
 
 

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgeserve.config import VariantConfig
 from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.remote import RemoteRequest, RemoteVariant
-from edgeserve.runtime.runner import GenerationJob, SamplingParams
+from edgeserve.runtime.sequence import GenerationJob, SamplingParams
 from edgeserve.tools.processes import free_port, server_process
 from edgeserve.variant_id import VariantId
 from tests.e2e.conftest import STARTUP_TIMEOUT_S

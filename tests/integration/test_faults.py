@@ -10,14 +10,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from edgeserve.runtime.scheduler import Scheduler
 
 from edgeserve.config import VariantConfig
 from edgeserve.errors import GenerationFailedError, ModelPreparationError
 from edgeserve.runtime.calibrate import CalibrationPlan, ensure_profiles, host_name, profile_path
 from edgeserve.runtime.faults import FAULT_MARKER_ENV
 from edgeserve.runtime.prepare import PreparedVariant, sha256_of
-from edgeserve.runtime.runner import GenerationJob, LlamaRunner, SamplingParams
-from edgeserve.runtime.scheduler import Scheduler
+from edgeserve.runtime.runner import LlamaRunner
+from edgeserve.runtime.sequence import GenerationJob, SamplingParams
 
 pytestmark = pytest.mark.integration
 

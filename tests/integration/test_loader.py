@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from edgeserve.runtime.scheduler import Scheduler
 
 from edgeserve.config import ModelsFile
 from edgeserve.errors import GenerationFailedError
@@ -15,8 +16,7 @@ from edgeserve.runtime.loader import ResidencyManager
 from edgeserve.runtime.memory import resident_bytes
 from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.registry import ModelRegistry
-from edgeserve.runtime.runner import GenerationJob, SamplingParams
-from edgeserve.runtime.scheduler import Scheduler
+from edgeserve.runtime.sequence import GenerationJob, SamplingParams
 
 pytestmark = pytest.mark.integration
 

@@ -8,18 +8,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from edgeserve.runtime.scheduler import Scheduler
 
 from edgeserve.config import ModelsFile
 from edgeserve.errors import ContextLengthExceededError, ModelNotFoundError, NotReadyError
 from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.registry import ModelRegistry
-from edgeserve.runtime.runner import (
-    GenerationJob,
-    GenerationResult,
-    LlamaRunner,
-    SamplingParams,
-)
-from edgeserve.runtime.scheduler import Scheduler
+from edgeserve.runtime.runner import LlamaRunner
+from edgeserve.runtime.sequence import GenerationJob, GenerationResult, SamplingParams
 
 pytestmark = pytest.mark.integration
 

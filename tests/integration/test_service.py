@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from edgeserve.runtime.scheduler import Scheduler
 
 from edgeserve.config import ModelsFile
 from edgeserve.errors import RefusedError
@@ -15,8 +16,7 @@ from edgeserve.routing.policy_file import PolicyFile, parse_policy
 from edgeserve.runtime.catalog import Catalog
 from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.registry import ModelRegistry
-from edgeserve.runtime.runner import SamplingParams
-from edgeserve.runtime.scheduler import Scheduler
+from edgeserve.runtime.sequence import SamplingParams
 from edgeserve.variant_id import VariantId
 
 pytestmark = pytest.mark.integration

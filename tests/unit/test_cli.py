@@ -68,7 +68,7 @@ def test_no_server_module_imports_a_tool() -> None:
         root = pathlib.Path(edgeserve.__file__).parent
         names = sorted(".".join(("edgeserve", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
                        for p in root.rglob("*.py") if p.relative_to(root).parts[0] != "tools")
-        assert "edgeserve.http.app" in names and "edgeserve.runtime.scheduler" in names, names
+        assert "edgeserve.http.app" in names and "edgeserve.runtime.stepper" in names, names
         for name in names:
             importlib.import_module(name)
         loaded = sorted(m for m in sys.modules if (m + ".").startswith("edgeserve.tools."))

@@ -20,20 +20,20 @@ def test_the_defaults() -> None:
     settings = build_settings(flags(), {"EDGESERVE_MEMORY_BUDGET": "1GiB"})
     assert settings == ServerSettings(models_path=Path("models.toml"), cache_dir=settings.cache_dir,
                                       memory_budget_bytes=2**30)
-    assert settings.host == "127.0.0.1" and settings.port == 8080 and settings.slots == 1
+    assert settings.host == "127.0.0.1" and settings.port == 8080 and settings.prefill_chunk == 64
     assert settings.max_queue == 64 and settings.default_deadline_ms is None and settings.api_keys == ()
     assert settings.max_body_bytes == 1024 * 1024 and settings.grace_s == 30.0 and settings.min_residency_s == 5.0
     assert settings.log_format == "auto" and settings.memory_check == "warn" and settings.calibration == "quick"
 
 
 def test_a_flag_beats_the_environment_which_beats_the_default(tmp_path: Path) -> None:
-    environ = {"EDGESERVE_PORT": "9000", "EDGESERVE_SLOTS": "2", "EDGESERVE_HOST": "0.0.0.0",
+    environ = {"EDGESERVE_PORT": "9000", "EDGESERVE_PREFILL_CHUNK": "32", "EDGESERVE_HOST": "0.0.0.0",
                "EDGESERVE_DEFAULT_DEADLINE_MS": "5000", "EDGESERVE_MODELS": str(tmp_path / "m.toml"),
                "EDGESERVE_CACHE_DIR": str(tmp_path / "cache"), "EDGESERVE_METRICS_PUBLIC": "1",
                "EDGESERVE_API_KEYS": "env-key", "EDGESERVE_POLICY": "p.toml", "EDGESERVE_GRACE_S": "7.5",
                "EDGESERVE_MEMORY_BUDGET": "600MiB", "EDGESERVE_MIN_RESIDENCY_S": "0"}
     settings = build_settings(flags("--port", "9100", "--api-key", "flag-key", "--log-format", "json"), environ)
-    assert settings.port == 9100 and settings.slots == 2 and settings.host == "0.0.0.0"
+    assert settings.port == 9100 and settings.prefill_chunk == 32 and settings.host == "0.0.0.0"
     assert settings.default_deadline_ms == 5000 and settings.metrics_public
     assert settings.models_path == tmp_path / "m.toml" and settings.cache_dir == tmp_path / "cache"
     assert settings.api_keys == ("flag-key", "env-key") and settings.log_format == "json"
@@ -48,7 +48,7 @@ def test_keys_from_a_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("argv", "environ", "message"), [
-    (("--slots", "0"), {}, "--slots must be at least 1"),
+    (("--prefill-chunk", "0"), {}, "--prefill-chunk must be at least 1"),
     (("--default-deadline-ms", "3600001"), {}, "--default-deadline-ms must be from 1 to 3600000"),
     (("--max-body-bytes", "0"), {}, "--max-body-bytes must be at least 1"),
     (("--min-residency-s", "-1"), {}, "--min-residency-s must not be negative"),

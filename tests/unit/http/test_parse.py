@@ -9,7 +9,7 @@ import pytest
 
 from edgeserve.errors import InvalidRequestError
 from edgeserve.http.parse import parse_chat, parse_completion
-from edgeserve.runtime.runner import SamplingParams
+from edgeserve.runtime.sequence import SamplingParams
 
 USER = {"role": "user", "content": "What is 2+2?"}
 OMIT = object()

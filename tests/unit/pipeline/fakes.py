@@ -1,5 +1,5 @@
 """A small fake world for the pipeline: variants that follow the Variant contract without a
-model, a fake CPU queue, a metrics sink, and a catalog over them."""
+model, a fake stepping loop, a metrics sink, and a catalog over them."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from edgeserve.pipeline import CompletionRecord
 from edgeserve.routing.costs import CostProfile, observe
 from edgeserve.routing.policy import VariantCandidate
 from edgeserve.runtime.catalog import Catalog
+from edgeserve.runtime.generation import Generation
 from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.registry import ModelRegistry
-from edgeserve.runtime.runner import Generation, GenerationJob, GenerationResult
+from edgeserve.runtime.sequence import GenerationJob, GenerationResult
 from edgeserve.runtime.variant import Prompt, VariantInfo
 from edgeserve.variant_id import VariantId
 
@@ -50,6 +51,7 @@ class FakeVariant:
                  counter: FakeVariant | None = None) -> None:
         self._id = vid
         self.n_ctx = n_ctx
+        self.parallel = 1
         self.profile: CostProfile | None = flat_profile(vid, ms_per_token)
         self.remote = remote
         self.counter = counter
@@ -140,21 +142,16 @@ _tasks: set[asyncio.Task[None]] = set()
 
 
 @dataclass
-class FakeQueue:
-    wait_ms: float = 0.0
-    slack: float | None = None
+class FakeLoop:
+    """The stepping loop as the pipeline sees it (what a stop needs)."""
+
     queue_depth: int = 0
     running: int = 0
     refused: list[Exception] = field(default_factory=list)
 
-    def wait_estimate_ms(self, deadline_at: float | None) -> float:
-        return self.wait_ms
-
-    def slack_ms(self, deadline_at: float | None) -> float | None:
-        return self.slack
-
-    def refuse_waiting(self, error: Exception) -> None:
+    def refuse_waiting(self, error: Exception) -> int:
         self.refused.append(error)
+        return 0
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,10 @@ from edgeserve.errors import (
 )
 from edgeserve.pipeline import InferenceRequest, Pipeline
 from edgeserve.pipeline.record import log_fields
+from edgeserve.routing.batching import SeqLoad
 from edgeserve.routing.policy_file import PolicyFile, parse_policy
 from edgeserve.variant_id import VariantId
-from tests.unit.pipeline.fakes import FakeQueue, FakeVariant, Script, Sink, catalog, models
+from tests.unit.pipeline.fakes import FakeLoop, FakeVariant, Script, Sink, catalog, models
 
 POLICY = b"""
 name = "%s"
@@ -52,13 +54,13 @@ def policy(name: str, q2: tuple[float, float], q8: tuple[float, float]) -> Polic
 BETTER_Q8 = policy("fam", (0.1, 0.3), (0.2, 0.8))  # q8_0 wins when it has the time
 
 
-def world(tmp_path: Path, *, remote: bool = False, queue: FakeQueue | None = None,
+def world(tmp_path: Path, *, remote: bool = False, queue: FakeLoop | None = None,
           policies: dict[str, PolicyFile] | None = None) -> tuple[Pipeline, Sink]:
     """fam: q2_k at 2 ms/token, q8_0 at 10 ms/token (and a remote `cloud` at 1 ms/token)."""
     speeds = {"fam:q2_k": 2.0, "fam:q8_0": 10.0, "fam:cloud": 1.0}
     files = models(("fam", ["q2_k", "q8_0"], ["cloud"] if remote else []))
     sink = Sink()
-    pipeline = Pipeline(catalog(tmp_path, files, speeds), queue or FakeQueue(), policies or {"fam": BETTER_Q8},
+    pipeline = Pipeline(catalog(tmp_path, files, speeds), queue or FakeLoop(), policies or {"fam": BETTER_Q8},
                         sink)
     return pipeline, sink
 
@@ -107,7 +109,7 @@ async def test_each_family_routes_with_its_own_curves(tmp_path: Path) -> None:
     files = models(("one", ["q2_k", "q8_0"], []), ("two", ["q2_k", "q8_0"], []))
     speeds = {"one:q2_k": 2.0, "one:q8_0": 10.0, "two:q2_k": 2.0, "two:q8_0": 10.0}
     policies = {"one": policy("one", (0.1, 0.3), (0.2, 0.8)), "two": policy("two", (0.5, 0.9), (0.2, 0.4))}
-    pipeline = Pipeline(catalog(tmp_path, files, speeds), FakeQueue(), policies, Sink())
+    pipeline = Pipeline(catalog(tmp_path, files, speeds), FakeLoop(), policies, Sink())
     one = await pipeline.admit(ask("one", max_tokens=200))
     two = await pipeline.admit(ask("two", max_tokens=200))
     assert str(one.variant_id) == "one:q8_0" and str(two.variant_id) == "two:q2_k"
@@ -119,11 +121,17 @@ async def test_a_pinned_variant_runs_even_when_another_would_be_better(tmp_path:
     assert str(admission.variant_id) == "fam:q2_k" and "pinned" in admission.decision.reason
 
 
-async def test_the_queue_wait_counts_against_the_deadline(tmp_path: Path) -> None:
-    pipeline, _ = world(tmp_path, queue=FakeQueue(wait_ms=900.0))
-    admission = await pipeline.admit(ask(max_tokens=200, deadline_ms=1000))
-    assert admission.decision.queue_wait_ms == 900.0
-    assert admission.decision.predicted_ms + 900.0 <= 1000
+async def test_what_already_runs_counts_against_the_deadline(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline, _ = world(tmp_path)
+    board = pipeline.catalog.board()
+    # every variant (one place each) runs a request with 90 tokens left and no deadline
+    busy = tuple(SeqLoad(k, vid, tokens_left=90, context=10) for k, vid in enumerate(board.variants))
+    monkeypatch.setattr(pipeline.catalog, "board", lambda: replace(board, sequences=busy))
+    admission = await pipeline.admit(ask(max_tokens=200, deadline_ms=1500))
+    wait = admission.decision.queue_wait_ms
+    assert wait == pytest.approx(90 * 2.0 if admission.variant_id.name == "q2_k" else 90 * 10.0)
+    assert admission.decision.predicted_ms + wait <= 1500
 
 
 @pytest.mark.parametrize(("model", "headers", "error"), [
@@ -253,7 +261,7 @@ async def test_a_remote_that_refuses_is_routed_around(tmp_path: Path) -> None:
 
 
 async def test_cut_short_stops_what_runs_and_refuses_what_waits(tmp_path: Path) -> None:
-    queue = FakeQueue()
+    queue = FakeLoop()
     pipeline, _ = world(tmp_path, queue=queue)
     variant(pipeline, "fam:q8_0").script = Script(wait_for_cancel=True)
     run = await pipeline.open(ask(max_tokens=64), request_id="r1", client="c")

@@ -17,7 +17,7 @@ from edgeserve.pipeline import Admission, CompletionRecord
 from edgeserve.pipeline.record import log_fields, outcome_of, prediction_error, turned_away_outcome
 from edgeserve.routing.costs import CostProfile, predict_ms
 from edgeserve.routing.policy import Decision
-from edgeserve.runtime.runner import GenerationJob, GenerationResult
+from edgeserve.runtime.sequence import GenerationJob, GenerationResult
 
 VARIANT = "fam:q4_1"
 PROFILE = CostProfile(variant_id=VARIANT, prefill_fixed_ms=20.0, prefill_ms_per_token=1.0,

@@ -12,6 +12,7 @@ from edgeserve.config import VariantConfig
 from edgeserve.runtime.loader import FALLBACK_LOAD_BYTES_PER_S, ResidencyManager
 from edgeserve.runtime.residency import Residency, SwapPlan
 from edgeserve.runtime.runner import LlamaRunner
+from edgeserve.runtime.stepper import Stepper
 
 SIZES = {"a": 100, "b": 100, "c": 150}
 
@@ -109,7 +110,7 @@ def test_bad_settings_are_errors() -> None:
 def _runner(tmp_path: Path, name: str, size: int) -> LlamaRunner:
     path = tmp_path / f"{name}.gguf"
     path.write_bytes(b"\0" * size)
-    return LlamaRunner(f"f:{name}", path, VariantConfig(name=name, path=str(path)))
+    return LlamaRunner(f"f:{name}", path, VariantConfig(name=name, path=str(path)), Stepper())
 
 
 def test_the_load_estimate_includes_the_wait_and_the_unloads(tmp_path: Path) -> None:

@@ -1,0 +1,505 @@
+"""The stepping loop: one thread owns the CPU and runs one variant's batch per step.
+
+The shape of llama-server's `update_slots`, with deadlines:
+
+* every local variant is a *lane*: its Decoder and ``parallel`` *places* (sequence ids in its
+  llama.cpp context). A request waits in its lane until a place is free; places are handed out
+  earliest deadline first, and a request whose deadline can no longer fit its shortest useful
+  run by then is refused (429) instead of started to miss;
+* each step picks the lane whose running sequences hold the most urgent deadline (no deadline
+  sorts last), and decodes in ONE `llama_decode` the next token of each of its sequences plus at
+  most one chunk (``chunk_tokens``) of one sequence still evaluating its prompt (or a forced
+  answer prefix), so a long newcomer never stalls running streams by more than one chunk;
+* before every step each sequence applies its rules (runtime.sequence: cancel, deadline); a
+  prefill is checked at every chunk boundary, so a client that leaves or a deadline that can no
+  longer be met stops it there;
+* a place keeps its KV after its sequence leaves: a newcomer whose prompt starts like what a
+  place holds (the same system prompt and template) keeps or copies (`llama_memory_seq_cp`)
+  that prefix instead of evaluating it again; a free place is reused least recently used first.
+
+routing.batching.Timeline models exactly these rules, and `board()` hands admission the state
+it needs to predict every sequence's finish. The lock guards the lanes; it is released while
+llama.cpp decodes, so the event loop can submit, cancel and read the board meanwhile.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from edgeserve.errors import RefusedError, ShuttingDownError
+from edgeserve.logging import get_logger
+from edgeserve.routing.batching import Board, SeqLoad, VariantLoad
+from edgeserve.routing.costs import CostProfile, prefill_ms
+from edgeserve.runtime.decoder import BatchEntry
+from edgeserve.runtime.faults import InjectedFault
+from edgeserve.runtime.generation import Generation
+from edgeserve.runtime.sequence import TAIL_RESERVE_S, GenerationJob, SamplingParams, Sequence
+
+log = get_logger("edgeserve.stepper")
+
+IDLE_WAIT_S = 0.5  # an idle loop wakes this often anyway (a missed wake-up costs no more)
+
+
+class StepDecoder(Protocol):
+    """What the loop needs of a variant's decoder (runtime.decoder.Decoder; a fake in tests)."""
+
+    @property
+    def n_ctx(self) -> int: ...
+    @property
+    def n_batch(self) -> int: ...
+    def new_sequence(self, seq_id: int, sampling: SamplingParams, *, keep: int = 0) -> None: ...
+    def free_sequence(self, seq_id: int) -> None: ...
+    def copy_prefix(self, src: int, dst: int, n_tokens: int) -> None: ...
+    def accept(self, seq_id: int, tokens: Iterable[int]) -> None: ...
+    def step(self, entries: Seq[BatchEntry]) -> dict[int, int]: ...
+    def token_piece(self, token: int, *, special: bool = False) -> bytes: ...
+    def is_eog(self, token: int) -> bool: ...
+
+
+@dataclass
+class Work:
+    """One submitted request: waiting for a place, then running as a Sequence."""
+
+    key: int
+    job: GenerationJob
+    generation: Generation
+    min_run_s: float  # shortest useful run (prompt + a few tokens): refused at join if it no longer fits
+    submitted: float
+    fail_after_first: bool = False  # fault injection (runtime.faults), tests only
+    sequence: Sequence | None = None
+    place: Place | None = None
+    joined: float | None = None
+    step_s: float = 0.0  # llama.cpp time of the decode steps it took part in
+
+    @property
+    def urgency(self) -> float:
+        return math.inf if self.job.deadline_at is None else self.job.deadline_at
+
+
+@dataclass
+class Place:
+    """A sequence id of a lane's context and the tokens its KV cache holds (positions 0..n-1)."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    work: Work | None = None
+    last_used: float = 0.0
+
+
+@dataclass
+class StepStats:
+    """What the loop did, for /metrics (read without the lock: counters only grow)."""
+
+    steps: int = 0
+    step_seconds: float = 0.0
+    tokens_decoded: int = 0  # sequences × steps: the sum of batch widths
+    prefill_chunks: int = 0
+    cached_tokens: int = 0
+    widths: dict[int, int] = field(default_factory=dict)  # batch width → steps
+
+
+class Lane:
+    """One variant in the loop."""
+
+    def __init__(self, variant_id: str, decoder: StepDecoder, parallel: int,
+                 profile: Callable[[], CostProfile | None]) -> None:
+        self.variant_id = variant_id
+        self.decoder = decoder
+        self.parallel = parallel
+        self.profile = profile
+        self.places = [Place(seq_id) for seq_id in range(parallel)]
+        self.waiting: list[Work] = []
+        self.stats = StepStats()
+
+    @property
+    def running(self) -> list[Work]:
+        return [p.work for p in self.places if p.work is not None]
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(p.work is not None for p in self.places)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Stepper:
+    def __init__(self, chunk_tokens: int = 64, max_queue: int = 64,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be at least 1")
+        self.chunk_tokens = chunk_tokens
+        self.max_queue = max_queue
+        self._clock = clock
+        self._lanes: dict[str, Lane] = {}
+        self._cond = threading.Condition()
+        self._keys = itertools.count()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- lanes (any thread) -------------------------------------------------------------------
+
+    def attach(self, variant_id: str, decoder: StepDecoder, parallel: int,
+               profile: Callable[[], CostProfile | None] = lambda: None) -> None:
+        with self._cond:
+            if variant_id in self._lanes:
+                raise ValueError(f"{variant_id} is in the loop already")
+            self._lanes[variant_id] = Lane(variant_id, decoder, parallel, profile)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="stepper", daemon=True)
+                self._thread.start()
+
+    def detach(self, variant_id: str) -> StepDecoder | None:
+        """Take an idle lane out of the loop (to unload its variant); its decoder is returned,
+        still open. Raises RuntimeError while the lane has work."""
+        with self._cond:
+            lane = self._lanes.get(variant_id)
+            if lane is None:
+                return None
+            if lane.busy:
+                raise RuntimeError(f"{variant_id} still has requests in the loop")
+            del self._lanes[variant_id]
+            return lane.decoder
+
+    def busy(self, variant_id: str) -> bool:
+        with self._cond:
+            lane = self._lanes.get(variant_id)
+            return lane is not None and lane.busy
+
+    def stats(self, variant_id: str) -> StepStats | None:
+        lane = self._lanes.get(variant_id)
+        return None if lane is None else lane.stats
+
+    def running_in(self, variant_id: str) -> int:
+        with self._cond:
+            lane = self._lanes.get(variant_id)
+            return 0 if lane is None else len(lane.running)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a place in their variant's batch."""
+        with self._cond:
+            return sum(len(lane.waiting) for lane in self._lanes.values())
+
+    @property
+    def running(self) -> int:
+        """Sequences in a batch now, across the variants."""
+        with self._cond:
+            return sum(len(lane.running) for lane in self._lanes.values())
+
+    def submit(self, variant_id: str, job: GenerationJob, generation: Generation, *,
+               min_run_s: float = 0.0, fail_after_first: bool = False) -> None:
+        """Queue a job in its lane; `generation.joined` resolves when it takes a place."""
+        with self._cond:
+            lane = self._lanes.get(variant_id)
+            if lane is None:
+                raise RuntimeError(f"{variant_id} is not loaded")
+            waiting = sum(len(other.waiting) for other in self._lanes.values())
+            if waiting >= self.max_queue:
+                raise RefusedError(f"The queue is full ({self.max_queue} requests waiting); retry shortly.",
+                                   code="queue_full", retry_after_s=1)
+            work = Work(next(self._keys), job, generation, min_run_s, self._clock(), fail_after_first)
+            lane.waiting.append(work)
+            generation.on_cancel = self._wake
+            self._cond.notify()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def refuse_waiting(self, error: Exception) -> int:
+        """Every request still waiting for a place gets this error (a stop); returns how many."""
+        with self._cond:
+            count = 0
+            for lane in self._lanes.values():
+                for work in lane.waiting:
+                    work.generation._emit_joined(error)
+                    work.generation._emit_end(error)
+                    count += 1
+                lane.waiting.clear()
+            return count
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    # ---- the board (admission) ----------------------------------------------------------------
+
+    def board(self, profiles: dict[str, CostProfile], parallel: dict[str, int], now: float) -> Board:
+        """What runs and waits, as routing.batching sees it: every variant in `profiles` (a
+        lane that is not loaded is an empty one), times in ms from `now`."""
+        sequences: list[SeqLoad] = []
+        with self._cond:
+            for variant_id, lane in self._lanes.items():
+                if variant_id not in profiles:
+                    continue
+                for work in lane.running:
+                    seq = work.sequence
+                    assert seq is not None
+                    if seq.finished:
+                        continue
+                    sequences.append(SeqLoad(
+                        work.key, variant_id, tokens_left=max(seq.max_tokens - seq.n_generated, 1),
+                        prompt_left=len(seq.pending) if seq.prefilling else 0, context=seq.n_past,
+                        deadline_ms=_deadline_ms(work, now), running=True))
+                for work in lane.waiting:
+                    sequences.append(SeqLoad(
+                        work.key, variant_id, tokens_left=work.job.max_tokens,
+                        prompt_left=len(work.job.prompt_tokens), deadline_ms=_deadline_ms(work, now),
+                        running=False))
+        variants = {v: VariantLoad(p, parallel.get(v, 1)) for v, p in profiles.items()}
+        return Board(variants, tuple(sequences), self.chunk_tokens)
+
+    # ---- the loop (its own thread) ------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopped():
+            try:
+                self._iteration()
+            except Exception as exc:  # a bug must not leave every request hanging: fail them all
+                log.exception("stepper_failed", error=str(exc))
+                with self._cond:
+                    for lane in self._lanes.values():
+                        for work in [*lane.waiting, *lane.running]:
+                            work.generation._emit_joined(exc)
+                            self._leave(lane, work, exc, keep_kv=False)
+                        lane.waiting.clear()
+
+    def _stopped(self) -> bool:
+        with self._cond:
+            if self._stopping:
+                self._end_all()
+            return self._stopping
+
+    def _iteration(self) -> None:
+        """Seat waiting requests, pick a lane, build its batch, decode it, hand out the tokens."""
+        with self._cond:
+            now = self._clock()
+            for lane in self._lanes.values():
+                self._sweep(lane, now)
+                self._join(lane, now)
+            chosen = self._next_lane()
+            if chosen is None:
+                self._cond.wait(IDLE_WAIT_S)
+                return
+            entries, members = self._batch(chosen)
+        if not entries:
+            return
+        started = self._clock()
+        try:
+            sampled = chosen.decoder.step(entries)
+        except Exception as exc:  # a failed llama_decode: these sequences fail, the loop goes on
+            log.error("step_failed", variant=chosen.variant_id, error=str(exc))
+            with self._cond:
+                for work in members:
+                    self._leave(chosen, work, exc, keep_kv=False)
+            return
+        now = self._clock()
+        with self._cond:
+            self._apply(chosen, members, sampled, now, now - started)
+
+    def _end_all(self) -> None:
+        for lane in self._lanes.values():
+            for work in lane.waiting:
+                work.generation._emit_joined(ShuttingDownError())
+                work.generation._emit_end(ShuttingDownError())
+            lane.waiting.clear()
+            for work in lane.running:
+                assert work.sequence is not None
+                work.sequence.end("cancelled")
+                self._leave(lane, work, None)
+
+    def _sweep(self, lane: Lane, now: float) -> None:
+        """Drop waiting requests whose client left."""
+        for work in [w for w in lane.waiting if w.generation.cancelled]:
+            lane.waiting.remove(work)
+            work.generation._emit_joined(0.0)
+            sequence = Sequence(work.job, lane.decoder.n_ctx)
+            sequence.end("cancelled")
+            work.generation._emit_end(sequence.result())
+
+    def _join(self, lane: Lane, now: float) -> None:
+        """Give free places to waiting requests, earliest deadline first."""
+        lane.waiting.sort(key=lambda w: (w.urgency, w.key))
+        while lane.waiting:
+            free = [p for p in lane.places if p.work is None]
+            if not free:
+                return
+            work = lane.waiting.pop(0)
+            if work.job.deadline_at is not None and now + work.min_run_s > work.job.deadline_at:
+                left_ms = (work.job.deadline_at - now) * 1000
+                error = RefusedError(
+                    f"Cannot answer within the deadline: after waiting for a place in a batch, the "
+                    f"{max(left_ms, 0):.0f} ms left are less than the {work.min_run_s * 1000:.0f} ms the "
+                    "shortest useful answer needs; retry with a longer deadline.",
+                    code="deadline_infeasible", retry_after_s=1)
+                work.generation._emit_joined(error)
+                work.generation._emit_end(error)
+                continue
+            self._place(lane, work, free, now)
+
+    def _place(self, lane: Lane, work: Work, free: list[Place], now: float) -> None:
+        """Seat `work` in the free place whose KV shares the longest prefix with its prompt, or
+        copy a longer prefix from any other place; else the least recently used free place."""
+        prompt = work.job.prompt_tokens
+        try:
+            Sequence(work.job, lane.decoder.n_ctx)  # its checks (a prompt that fits), before any KV moves
+        except ValueError as exc:
+            work.generation._emit_joined(exc)
+            work.generation._emit_end(exc)
+            return
+        usable = len(prompt) - 1  # the last prompt token is always evaluated (its logits)
+        own = max(free, key=lambda p: (min(_common_prefix(p.tokens, prompt), usable), -p.last_used))
+        own_n = min(_common_prefix(own.tokens, prompt), usable)
+        if own_n == 0:
+            own = min(free, key=lambda p: p.last_used)
+        donor, donor_n = None, own_n
+        for place in lane.places:
+            if place is own:
+                continue
+            n = min(_common_prefix(place.tokens, prompt), usable)
+            if n > donor_n:
+                donor, donor_n = place, n
+        decoder = lane.decoder
+        decoder.new_sequence(own.seq_id, work.job.sampling, keep=own_n)
+        cached = own_n
+        if donor is not None:
+            decoder.copy_prefix(donor.seq_id, own.seq_id, donor_n)
+            cached = donor_n
+        own.tokens = list(prompt[:cached])
+        own.work, own.last_used = work, now
+        work.place, work.joined = own, now
+        work.sequence = Sequence(work.job, decoder.n_ctx, cache_n=cached)
+        lane.stats.cached_tokens += cached
+        work.generation._emit_joined((now - work.submitted) * 1000)
+
+    def _next_lane(self) -> Lane | None:
+        best: tuple[float, int] | None = None
+        chosen = None
+        for index, lane in enumerate(self._lanes.values()):
+            running = lane.running
+            if not running:
+                continue
+            key = (min(w.urgency for w in running), index)
+            if best is None or key < best:
+                best, chosen = key, lane
+        return chosen
+
+    def _batch(self, lane: Lane) -> tuple[list[BatchEntry], list[Work]]:
+        """The next step of `lane`: each sequence's rules first (cancel, deadline), then one
+        token of every decoding sequence and one chunk of the most urgent multi-token input."""
+        now = self._clock()
+        profile = lane.profile()
+        decoding: list[Work] = []
+        chunked: list[Work] = []
+        for work in lane.running:
+            seq = work.sequence
+            assert seq is not None
+            if work.generation.cancelled:
+                seq.cancel()
+            step_s = self._prefill_left_s(profile, seq) if seq.prefilling else None
+            if not seq.before_step(now, step_s):
+                self._leave(lane, work, None)
+                continue
+            (chunked if len(seq.pending) > 1 else decoding).append(work)
+        entries: list[BatchEntry] = []
+        members: list[Work] = []
+        for work in decoding:
+            entries.append(self._take(work, 1))
+            members.append(work)
+        if chunked:
+            work = min(chunked, key=lambda w: (w.urgency, w.key))
+            room = max(1, min(self.chunk_tokens, lane.decoder.n_batch - len(entries)))
+            entries.append(self._take(work, room))
+            members.append(work)
+            lane.stats.prefill_chunks += 1
+        return entries, members
+
+    @staticmethod
+    def _take(work: Work, limit: int) -> BatchEntry:
+        assert work.sequence is not None and work.place is not None
+        step = work.sequence.take_input(limit)
+        work.place.tokens.extend(step.tokens)
+        return BatchEntry(work.place.seq_id, step.tokens, step.pos, step.logits)
+
+    @staticmethod
+    def _prefill_left_s(profile: CostProfile | None, seq: Sequence) -> float | None:
+        """The predicted rest of a prompt's evaluation: a prefill that cannot end before its
+        deadline stops at this chunk boundary instead of running on."""
+        if profile is None:
+            return None
+        left = len(seq.pending)
+        return (prefill_ms(profile, seq.n_past + left) - prefill_ms(profile, seq.n_past)) / 1000
+
+    def _apply(self, lane: Lane, members: list[Work], sampled: dict[int, int], now: float,
+               elapsed_s: float) -> None:
+        width = len(members)
+        stats = lane.stats
+        stats.steps += 1
+        stats.step_seconds += elapsed_s
+        stats.tokens_decoded += width
+        stats.widths[width] = stats.widths.get(width, 0) + 1
+        decoder = lane.decoder
+        for work in members:
+            seq, place = work.sequence, work.place
+            assert seq is not None and place is not None
+            if place.seq_id not in sampled:
+                continue  # a prompt chunk that is not its last: nothing sampled yet
+            if not seq.prefilling:
+                work.step_s += elapsed_s
+            token = sampled[place.seq_id]
+            seq.on_token(token, decoder.token_piece(token), eog=decoder.is_eog(token), now=now, batch=width)
+            if seq.forced:
+                decoder.accept(place.seq_id, seq.forced)
+            for piece in seq.drain():
+                work.generation._emit_text(piece)
+            if work.fail_after_first:
+                self._leave(lane, work, InjectedFault(f"injected fault after the first token ({lane.variant_id})"),
+                            keep_kv=False)
+            elif seq.finished:
+                self._leave(lane, work, None)
+
+    def _leave(self, lane: Lane, work: Work, error: BaseException | None, *, keep_kv: bool = True) -> None:
+        """The sequence is done: its place is free (its KV kept for prefix reuse, unless it
+        failed), and its generation gets the result or the error."""
+        place = work.place
+        if place is not None:
+            place.work = None
+            place.last_used = self._clock()
+            if not keep_kv:
+                lane.decoder.free_sequence(place.seq_id)
+                place.tokens = []
+        seq = work.sequence
+        if error is not None or seq is None:
+            work.generation._emit_end(error or RuntimeError("the sequence never started"))
+            return
+        for piece in seq.drain():
+            work.generation._emit_text(piece)
+        result = seq.result()
+        result.step_ms = work.step_s * 1000
+        if work.joined is not None:
+            result.queue_ms = (work.joined - work.submitted) * 1000
+        work.generation._emit_end(result)
+
+
+def _deadline_ms(work: Work, now: float) -> float | None:
+    """What the timeline must respect: the deadline less the tail reserve, from `now`."""
+    if work.job.deadline_at is None:
+        return None
+    return (work.job.deadline_at - now - TAIL_RESERVE_S) * 1000
