@@ -69,9 +69,9 @@ class _ServerState(Collector):
         self.residency = residency
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("edgeserve_queue_depth", "Requests waiting for a generation slot.",
+        yield GaugeMetricFamily("edgeserve_queue_depth", "Requests waiting for a place in a batch.",
                                 value=self.slots.queue_depth)
-        yield GaugeMetricFamily("edgeserve_running_generations", "Generations running now.",
+        yield GaugeMetricFamily("edgeserve_running_generations", "Generations running now (all variants).",
                                 value=self.slots.running)
         loaded = GaugeMetricFamily("edgeserve_variant_loaded", "1 when the variant is loaded.",
                                    labels=["variant"])
@@ -106,7 +106,40 @@ class _ServerState(Collector):
                 decode.add_metric([str(variant.id)], variant.profile.decode_ms_per_token)
                 prefill.add_metric([str(variant.id)], variant.profile.prefill_ms_per_token)
         yield from (loaded, resident, size, decode, prefill, up)
+        yield from _batching_metrics(self.catalog)
         yield from _residency_metrics(self.residency)
+
+
+def _batching_metrics(catalog: Catalog) -> Iterator[Metric]:
+    """What the stepping loop did per variant: steps by batch width, their time, prompt chunks,
+    prompt tokens reused from the KV cache, and the sequences in its batch now."""
+    steps = CounterMetricFamily("edgeserve_batch_steps", "Decode steps by the number of sequences in them.",
+                                labels=["variant", "width"])
+    seconds = CounterMetricFamily("edgeserve_step_seconds", "Time spent in llama.cpp decode steps.",
+                                  labels=["variant"])
+    tokens = CounterMetricFamily("edgeserve_batch_sequence_steps",
+                                 "Sequences × steps: divided by edgeserve_batch_steps_total, the mean batch width.",
+                                 labels=["variant"])
+    chunks = CounterMetricFamily("edgeserve_prefill_chunks", "Prompt chunks evaluated next to running streams.",
+                                 labels=["variant"])
+    cached = CounterMetricFamily("edgeserve_prefix_cache_hit_tokens",
+                                 "Prompt tokens whose KV was reused instead of evaluated.", labels=["variant"])
+    running = GaugeMetricFamily("edgeserve_running_sequences", "Sequences in the variant's batch now.",
+                                labels=["variant"])
+    for vid, variant in catalog.local.items():
+        label = str(vid)
+        stepper = variant.runner.stepper
+        running.add_metric([label], stepper.running_in(label))
+        stats = stepper.stats(label)
+        if stats is None:
+            continue
+        for width, count in sorted(stats.widths.items()):
+            steps.add_metric([label, str(width)], count)
+        seconds.add_metric([label], stats.step_seconds)
+        tokens.add_metric([label], stats.tokens_decoded)
+        chunks.add_metric([label], stats.prefill_chunks)
+        cached.add_metric([label], stats.cached_tokens)
+    yield from (steps, seconds, tokens, chunks, cached, running)
 
 
 def _residency_metrics(manager: ResidencyManager | None) -> Iterator[Metric]:

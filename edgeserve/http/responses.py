@@ -16,6 +16,7 @@ from edgeserve.http.schemas import (
     Delta,
     EdgeserveInfo,
     FinishReason,
+    PromptTokensDetails,
     TextChoice,
     TextCompletion,
     Timings,
@@ -79,12 +80,13 @@ def finish_reason(result: GenerationResult) -> FinishReason:
 
 
 def usage_of(result: GenerationResult) -> Usage:
-    return Usage(result.prompt_n, result.predicted_n, result.prompt_n + result.predicted_n)
+    return Usage(result.prompt_n, result.predicted_n, result.prompt_n + result.predicted_n,
+                 PromptTokensDetails(result.cache_n))
 
 
 def timings_of(result: GenerationResult) -> Timings:
     return Timings(result.prompt_n, round(result.prompt_ms, 3), result.predicted_n,
-                   round(result.predicted_ms, 3))
+                   round(result.predicted_ms, 3), result.cache_n)
 
 
 def info_of(ctx: CompletionContext, result: GenerationResult) -> EdgeserveInfo:

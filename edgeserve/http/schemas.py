@@ -81,10 +81,15 @@ class CompletionRequest(SamplingFields, kw_only=True):
 FinishReason = Literal["stop", "length"]
 
 
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int  # prompt tokens whose KV was reused (a prefix shared with a recent prompt)
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class Timings(msgspec.Struct):
@@ -94,6 +99,7 @@ class Timings(msgspec.Struct):
     prompt_ms: float
     predicted_n: int
     predicted_ms: float
+    cache_n: int = 0  # prompt tokens taken from the KV cache (not evaluated)
 
 
 class EdgeserveInfo(msgspec.Struct):

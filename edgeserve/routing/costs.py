@@ -269,6 +269,7 @@ def fit_profile(
     n_threads: int = 1,
     host: str = "",
     load_ms: float = 0.0,
+    batch_step_factors: dict[int, float] | None = None,
 ) -> CostProfile:
     """Fit a profile by least squares from calibration samples.
 
@@ -303,6 +304,7 @@ def fit_profile(
         decode_mape=_mape(decode, lambda c: d0 + growth * c),
         n_prefill_samples=len(prefill),
         n_decode_samples=len(decode),
+        batch_step_factors=dict(batch_step_factors or {}),
     )
 
 

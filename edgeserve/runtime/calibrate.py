@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from edgeserve.jsonfiles import read_json, write_json
 from edgeserve.routing.costs import CostProfile, fit_profile
 from edgeserve.runtime.prepare import sha256_of
@@ -135,9 +137,46 @@ async def measure(runner: LlamaRunner, plan: CalibrationPlan,
     return samples
 
 
+def batch_widths(parallel: int) -> list[int]:
+    """The widths calibration measures: 2, 4, 8, … up to `parallel`, and `parallel` itself."""
+    widths = [w for w in (2, 4, 8, 16, 32, 64) if w < parallel]
+    return [*widths, parallel] if parallel > 1 else []
+
+
+async def measure_batching(runner: LlamaRunner, decode_tokens: int = 32,
+                           progress: Callable[[str], None] | None = None) -> dict[int, float]:
+    """How much a decode step of `w` sequences costs relative to one sequence, for each width
+    of `batch_widths`: `w` requests of a short prompt run together, and the lane's median pure
+    decode step (no prompt chunk in it) at width `w` is divided by the median one alone."""
+    greedy = SamplingParams(temperature=0.0)
+    stats = runner.stepper.stats(runner.variant_id)
+    if stats is None or runner.parallel < 2:
+        return {}
+
+    async def together(width: int, salt: int) -> float | None:
+        stats.recent_decode_ms.pop(width, None)
+        jobs = [GenerationJob(_filler_tokens(runner, 16, salt * 100 + i), decode_tokens, greedy, ignore_eos=True)
+                for i in range(width)]
+        await asyncio.gather(*(runner.submit(job).text() for job in jobs))
+        return stats.decode_ms(width)
+
+    alone = await together(1, 9000)
+    factors: dict[int, float] = {}
+    for width in batch_widths(runner.parallel):
+        step = await together(width, 9000 + width)
+        if alone and step:
+            # a wider batch never costs less per step than a narrower one measured before it
+            factors[width] = max(step / alone, *factors.values(), 1.0)
+            if progress:
+                progress(f"{runner.variant_id}: a step of {width} sequences costs {factors[width]:.2f}× one "
+                         f"({step:.1f} ms vs {alone:.1f} ms)")
+    return factors
+
+
 async def calibrate(runner: LlamaRunner, sha256: str, plan: CalibrationPlan,
                     progress: Callable[[str], None] | None = None) -> CostProfile:
     samples = await measure(runner, plan, progress)
+    factors = await measure_batching(runner, progress=progress)
     return fit_profile(
         samples.prefill,
         samples.decode,
@@ -146,6 +185,7 @@ async def calibrate(runner: LlamaRunner, sha256: str, plan: CalibrationPlan,
         n_threads=runner.config.threads,
         host=host_name(),
         load_ms=runner.load_ms or 0.0,
+        batch_step_factors=factors,
     )
 
 
@@ -184,6 +224,13 @@ async def ensure_profiles(
             if progress:
                 progress(f"{runner.variant_id}: no cost profile for this board; calibrating")
             profile = await measure_and_store(runner, sha256, path)
+        elif not covers_batching(profile, runner.parallel):
+            if progress:
+                progress(f"{runner.variant_id}: the stored cost profile has no batching factors up to "
+                         f"parallel = {runner.parallel}; measuring them")
+            factors = await measure_batching(runner, progress=progress)
+            profile = msgspec.structs.replace(profile, batch_step_factors=factors)
+            await asyncio.to_thread(save_profile, path, profile)
         profiles[runner.variant_id] = profile
     for runner in runners:
         if implausible(runner, runners, profiles):
@@ -192,6 +239,11 @@ async def ensure_profiles(
                          "siblings' (measured while the machine was busy?); calibrating again")
             profiles[runner.variant_id] = await measure_and_store(runner, *paths[runner.variant_id])
     return profiles
+
+
+def covers_batching(profile: CostProfile, parallel: int) -> bool:
+    """The profile knows what a step of every width up to `parallel` costs (measured up to it)."""
+    return parallel < 2 or max(profile.batch_step_factors, default=1) >= parallel
 
 
 def describes(profile: CostProfile, sha256: str, n_threads: int, host: str) -> bool:

@@ -6,21 +6,24 @@ its own id in the context's KV cache and its own sampler chain. Only the steppin
 may call a `Decoder` (llama.cpp contexts are not thread-safe); `tokenize`, `token_piece`,
 `is_eog` and `token_text` only read the vocabulary and may be called from any thread.
 
-Sizing: `n_ctx × parallel` KV cells in all, so each of `parallel` sequences can hold the
-variant's full `n_ctx` (keeping a sequence within `n_ctx` is the caller's job: runtime.sequence
-caps its max tokens by it). Two layouts, as llama-server's `--kv-unified`:
-- split (default): one stream of `n_ctx` cells per sequence id. Each token attends only to its
-  own sequence's cells, so a wide batch with long contexts stays cheap. llama.cpp copies KV
+Sizing: every sequence can hold the variant's full `n_ctx` (keeping it within `n_ctx` is the
+caller's job: runtime.sequence caps its max tokens by it). Two layouts, as llama-server's
+`--kv-unified`:
+- split (default): one stream of `n_ctx` cells per sequence id (`n_ctx × n_seq_max` cells).
+  Each token attends only to its own sequence's cells, so a wide batch with long contexts
+  stays cheap. llama.cpp copies KV
   between streams only whole (a partial `llama_memory_seq_cp` across streams is a GGML_ASSERT
   that aborts the process), so `copy_prefix` copies the source's stream and cuts the copy back
   to the prefix: a memory copy of one stream, far cheaper than recomputing the prefix.
-- unified: one pool shared by every sequence (llama-server's `--kv-unified-per-slot`).
+- unified: one pool of `n_ctx × parallel` cells shared by every sequence (llama-server's
+  `--kv-unified-per-slot`; llama.cpp then warns when the pool exceeds the training context).
   `copy_prefix` only tags cells with a second sequence id (no copy, no extra memory), but every
   token's attention spans the cells of all sequences (masked), which costs more as the batch
   and the contexts grow.
 
-Native allocations are made once: the `llama_batch` at load (reused by every step), a sampler
-chain per sequence (freed by `free_sequence`, or by `close`). Nothing is allocated per step.
+Native allocations: the `llama_batch` once at load (reused by every step; one sequence id per
+token), a sampler chain per request (freed exactly once: by the next `new_sequence` of its id,
+`free_sequence` or `close`). A step allocates nothing native. `close()` must be called.
 """
 
 from __future__ import annotations

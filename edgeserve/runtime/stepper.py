@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ from edgeserve.runtime.sequence import TAIL_RESERVE_S, GenerationJob, SamplingPa
 log = get_logger("edgeserve.stepper")
 
 IDLE_WAIT_S = 0.5  # an idle loop wakes this often anyway (a missed wake-up costs no more)
+RECENT_STEPS = 64  # pure decode steps kept per batch width (StepStats.recent_decode_ms)
 
 
 class StepDecoder(Protocol):
@@ -103,6 +106,14 @@ class StepStats:
     prefill_chunks: int = 0
     cached_tokens: int = 0
     widths: dict[int, int] = field(default_factory=dict)  # batch width → steps
+    # the last few pure decode steps (no prompt chunk) per batch width, in ms: calibration reads
+    # its batching factors from them; bounded, so a long-running server does not grow
+    recent_decode_ms: dict[int, deque[float]] = field(default_factory=dict)
+
+    def decode_ms(self, width: int) -> float | None:
+        """The median of the recent pure decode steps of this width (None: none seen)."""
+        recent = self.recent_decode_ms.get(width)
+        return statistics.median(recent) if recent else None
 
 
 class Lane:
@@ -455,6 +466,10 @@ class Stepper:
         stats.step_seconds += elapsed_s
         stats.tokens_decoded += width
         stats.widths[width] = stats.widths.get(width, 0) + 1
+        if all(work.sequence is not None and not work.sequence.prefilling and len(work.sequence.pending) <= 1
+               for work in members) and all(work.place is not None and work.place.seq_id in sampled
+                                            for work in members):
+            stats.recent_decode_ms.setdefault(width, deque(maxlen=RECENT_STEPS)).append(elapsed_s * 1000)
         decoder = lane.decoder
         for work in members:
             seq, place = work.sequence, work.place

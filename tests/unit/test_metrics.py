@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgeserve.metrics import Metrics, mapped_rss_bytes
 from edgeserve.pipeline import CompletionRecord
 from edgeserve.routing.costs import CostProfile
+from edgeserve.runtime.stepper import Stepper
 from edgeserve.variant_id import VariantId
 
 VARIANT = "fam:q4_1"
@@ -34,7 +35,7 @@ def metrics(tmp_path: Path) -> Metrics:
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"x" * 1000)
     vid = VariantId.parse(VARIANT)
-    runner = SimpleNamespace(path=gguf, loaded=True, file_bytes=1000, variant_id=VARIANT)
+    runner = SimpleNamespace(path=gguf, loaded=True, file_bytes=1000, variant_id=VARIANT, stepper=Stepper())
     local = SimpleNamespace(id=vid, runner=runner, profile=PROFILE)
     cloud = SimpleNamespace(id=VariantId("fam", "cloud"), available=False, profile=None)
     catalog = FakeCatalog({vid: local}, {cloud.id: cloud})
