@@ -13,7 +13,6 @@ import msgspec
 import platformdirs
 
 from edgeserve.errors import ConfigError
-from edgeserve.routing.policy_file import load_policy as load_policy  # one reader of policy files
 
 PACKAGE_SCHEME = "package://"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
@@ -58,7 +57,7 @@ class FamilyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
 
     `policy` names the family's policy file (quality curves of THIS family's variants), relative
     to models.toml like `path`; without it, ``policies/<name>.toml`` beside models.toml is used if
-    it exists (see ``edgeserve.routing.policy_file.load_family_policies``)."""
+    it exists (see ``edgeserve.policies.load_family_policies``)."""
 
     name: Name
     variants: list[VariantConfig]

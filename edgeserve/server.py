@@ -27,7 +27,8 @@ from edgeserve.lifecycle import serve as serve_until_stopped
 from edgeserve.logging import configure_logging, get_logger
 from edgeserve.metrics import Metrics
 from edgeserve.pipeline import Pipeline
-from edgeserve.routing.policy_file import PolicyFile, load_family_policies
+from edgeserve.policies import load_family_policies
+from edgeserve.routing.policy_file import PolicyFile
 from edgeserve.runtime.calibrate import CalibrationPlan
 from edgeserve.runtime.catalog import Catalog
 from edgeserve.runtime.loader import ResidencyManager

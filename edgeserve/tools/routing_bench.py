@@ -50,9 +50,10 @@ import msgspec
 
 from edgeserve.config import default_cache_dir, default_models_path, load_models_file
 from edgeserve.errors import EdgeserveError
+from edgeserve.policies import load_policy
 from edgeserve.routing.costs import CostProfile, decode_steps_ms, predict_ms, prefill_ms
 from edgeserve.routing.policy import RoutingRequest, VariantCandidate, choose, format_ms
-from edgeserve.routing.policy_file import PolicyFile, load_policy
+from edgeserve.routing.policy_file import PolicyFile
 from edgeserve.routing.simulator import crossover_deadline
 from edgeserve.routing.stats import percentile
 from edgeserve.runtime.calibrate import host_name

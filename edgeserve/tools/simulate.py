@@ -20,9 +20,9 @@ from pathlib import Path
 import msgspec
 
 from edgeserve.errors import ConfigError, EdgeserveError
+from edgeserve.policies import load_policy
 from edgeserve.routing.costs import CostProfile
 from edgeserve.routing.policy import VariantCandidate, format_ms, uncovered_variants
-from edgeserve.routing.policy_file import load_policy
 from edgeserve.routing.simulator import (
     Arrival,
     SimulationResult,

@@ -8,7 +8,7 @@ import pytest
 
 from edgeserve.config import ModelsFile, load_models_file, resolve_path
 from edgeserve.errors import ConfigError
-from edgeserve.routing.policy_file import load_family_policies
+from edgeserve.policies import load_family_policies
 
 FAMILY = """
 [[families]]
