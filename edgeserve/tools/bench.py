@@ -11,11 +11,16 @@ TTFT is the first non-empty content delta (for (a): the first generated token) m
 the request was sent; decode tokens/s is (tokens - 1) / (last token time - first token time).
 Every run of index i uses the same prompt in all three engines, and each index a different one,
 so no engine decodes a prompt whose KV cache the previous run left behind.
+
+With `--concurrency 1,2,4,8` it measures C clients streaming at once instead (see "concurrency"
+below): aggregate and per-stream decode tokens/s and TTFT p50/p99 of edgeserve, llama.cpp's own
+`llama-server` (`--llama-server PATH`) and llama_cpp.server, one server process at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -23,11 +28,14 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -134,6 +142,11 @@ class InProcessEngine:
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
     def run(self, messages: Messages, max_tokens: int) -> Sample:
+        sent, stamps = self.generate(messages, max_tokens)
+        return sample_from(sent, stamps)
+
+    def generate(self, messages: Messages, max_tokens: int) -> tuple[float, list[float]]:
+        """The time the request began and one time per generated token (end of sequence excluded)."""
         sent = time.perf_counter()
         prompt = self.formatter(messages=messages).prompt
         tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
@@ -150,7 +163,7 @@ class InProcessEngine:
             if len(stamps) >= max_tokens:
                 break
         generator.close()
-        return sample_from(sent, stamps)
+        return sent, stamps
 
     def close(self) -> None:
         self.llm.close()
@@ -532,6 +545,560 @@ def _llama_cpp_version() -> str:
         return "?"
 
 
+# ---- concurrency: C clients streaming at once ---------------------------------------------------
+#
+# `edgeserve bench --concurrency 1,2,4,8`: for each concurrency C, C clients stream at once, each its
+# own prompt. Engines: edgeserve (parallel = the largest C), llama.cpp's own `llama-server` (--parallel
+# the largest C, -c n_ctx × that, so every slot has edgeserve's per-sequence context; --cont-batching)
+# and `python -m llama_cpp.server` (one request at a time), plus the in-process loop at C = 1. Only one
+# model process runs at a time: each (run, C, engine) starts its server, warms it up, measures and
+# stops it, in the order run 1: C=1 every engine, C=2 every engine, …; run 2: …
+
+CONCURRENT_ENGINES = {
+    "inprocess": "llama-cpp-python in-process",
+    "edgeserve": "edgeserve",
+    "llama-server": "llama-server",
+    "llama_cpp.server": "llama_cpp.server",
+}
+# one name per stream: stream i gets the same prompt in every engine and every run
+STREAM_NAMES = ("Ada", "Bram", "Celia", "Dorian", "Edda", "Finn", "Greta", "Hugo", "Ines", "Jonas",
+                "Katja", "Lior", "Mira", "Nils", "Olga", "Piet")
+CONCURRENT_READY_TIMEOUT_S = 600.0  # edgeserve's first start may measure its batching factors
+
+
+def stream_messages(stream: int) -> Messages:
+    """Stream i's prompt, the same in every engine and run; servers restart for every
+    measurement, so a prompt never meets a KV cache a previous measurement left behind."""
+    name = STREAM_NAMES[stream % len(STREAM_NAMES)]
+    if stream >= len(STREAM_NAMES):
+        name = f"{name} the {stream // len(STREAM_NAMES) + 1}."
+    return [{"role": "user", "content": PROMPT.format(name=name)}]
+
+
+def parse_levels(text: str) -> list[int]:
+    """`--concurrency 1,2,4,8` → [1, 2, 4, 8] (sorted, without repeats); ValueError otherwise."""
+    try:
+        levels = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"--concurrency wants comma-separated integers, got '{text}'") from None
+    if not levels or levels[0] < 1 or levels[-1] > 64:
+        raise ValueError(f"--concurrency levels must be in 1..64, got '{text}'")
+    return levels
+
+
+def run_plan(levels: list[int], runs: int, engines: list[str]) -> list[tuple[int, int, str]]:
+    """(run, concurrency, engine) in the order they are measured: every engine at the first level,
+    then every engine at the next, …, the whole sweep `runs` times. The in-process loop serves one
+    stream, so it runs at C = 1 only."""
+    return [(run, level, engine) for run in range(runs) for level in levels for engine in engines
+            if engine != "inprocess" or level == 1]
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One client's stream; times are time.perf_counter() values (nan: no content came)."""
+
+    sent: float
+    first: float  # first non-empty content delta
+    last: float  # last non-empty content delta
+    ended: float  # the stream closed
+    tokens: int  # completion tokens as the server reported them (never counted from SSE chunks)
+    source: str  # where `tokens` came from: usage, timings, length, retokenized, generated
+    prompt_tokens: int | None = None
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.first - self.sent) * 1000
+
+    @property
+    def decode_tps(self) -> float:
+        """This stream's decode speed: (tokens - 1) / (last delta - first delta). The first token
+        comes alone (edgeserve hands later text over in ~25 ms pieces), so the span covers
+        tokens - 1 steps."""
+        span = self.last - self.first
+        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else math.nan
+
+
+def _payloads(lines: list[tuple[float, str]]) -> list[dict[str, Any]]:
+    payloads = []
+    for _, line in lines:
+        payload = line[len("data:"):].strip() if line.startswith("data:") else ""
+        if payload and payload != "[DONE]":
+            payloads.append(json.loads(payload))
+    return payloads
+
+
+def completion_count(payloads: list[dict[str, Any]], max_tokens: int,
+                     retokenize: Any = None) -> tuple[int, str, int | None]:
+    """(completion tokens, where the figure came from, prompt tokens or None) of one stream:
+    `usage` (stream_options.include_usage) first, then llama-server-style `timings.predicted_n`,
+    then finish_reason `length` (exactly max_tokens), and only then the streamed text tokenized
+    again by `retokenize` (text → count), for a server that reports none of these."""
+    for chunk in reversed(payloads):
+        usage = chunk.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            return int(usage["completion_tokens"]), "usage", usage.get("prompt_tokens")
+    for chunk in reversed(payloads):
+        timings = chunk.get("timings")
+        if timings and timings.get("predicted_n") is not None:
+            return int(timings["predicted_n"]), "timings", timings.get("prompt_n")
+    finishes = [c.get("finish_reason") for chunk in payloads for c in chunk.get("choices") or []]
+    if "length" in finishes:
+        return max_tokens, "length", None
+    if retokenize is not None:
+        text = "".join((c.get("delta") or {}).get("content") or ""
+                       for chunk in payloads for c in chunk.get("choices") or [])
+        return int(retokenize(text)), "retokenized", None
+    raise RuntimeError("the server reported no completion token count (no usage, no timings)")
+
+
+def stream_result(sent: float, ended: float, lines: list[tuple[float, str]], max_tokens: int,
+                  retokenize: Any = None) -> StreamResult:
+    stamps = content_stamps(lines)
+    tokens, source, prompt = completion_count(_payloads(lines), max_tokens, retokenize)
+    first, last = (stamps[0], stamps[-1]) if stamps else (math.nan, math.nan)
+    return StreamResult(sent, first, last, ended, tokens, source, prompt)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of the finite values, interpolated linearly between the two
+    nearest ranks (numpy's default); nan when there are none."""
+    finite = sorted(_finite(values))
+    if not finite:
+        return math.nan
+    position = (len(finite) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(finite) - 1)
+    return finite[low] + (finite[high] - finite[low]) * (position - low)
+
+
+@dataclass(frozen=True)
+class LevelSample:
+    """One engine at one concurrency in one run: C streams started together."""
+
+    engine: str
+    concurrency: int
+    run: int
+    streams: tuple[StreamResult, ...]
+    other_cores: float = math.nan
+
+    @property
+    def wall_s(self) -> float:
+        """From the first request sent to the last stream ended."""
+        return max(s.ended for s in self.streams) - min(s.sent for s in self.streams)
+
+    @property
+    def aggregate_tps(self) -> float:
+        """All streams' completion tokens over the wall time."""
+        wall = self.wall_s
+        return sum(s.tokens for s in self.streams) / wall if wall > 0 else math.nan
+
+    @property
+    def stream_tps(self) -> float:
+        """The median stream's decode tokens/s."""
+        return median_of([s.decode_tps for s in self.streams])
+
+    def ttft_ms(self, q: float) -> float:
+        return percentile([s.ttft_ms for s in self.streams], q)
+
+    @property
+    def tokens_mean(self) -> float:
+        return mean_of([float(s.tokens) for s in self.streams])
+
+
+def _aggregate(sample: LevelSample) -> float:
+    return sample.aggregate_tps
+
+
+def _stream(sample: LevelSample) -> float:
+    return sample.stream_tps
+
+
+def _ttft50(sample: LevelSample) -> float:
+    return sample.ttft_ms(50)
+
+
+def _ttft99(sample: LevelSample) -> float:
+    return sample.ttft_ms(99)
+
+
+# the figures of one LevelSample the report shows, by name
+METRICS: dict[str, Callable[[LevelSample], float]] = {
+    "aggregate": _aggregate, "stream": _stream, "ttft50": _ttft50, "ttft99": _ttft99,
+}
+
+
+def median_spread(values: list[float], digits: int = 1) -> str:
+    """`median (min–max)` of the finite values, `n/a` without any."""
+    finite = _finite(values)
+    if not finite:
+        return "n/a"
+    if len(finite) == 1:
+        return _fmt(finite[0], digits)
+    return f"{_fmt(statistics.median(finite), digits)} ({_fmt(min(finite), digits)}–{_fmt(max(finite), digits)})"
+
+
+def select(samples: list[LevelSample], engine: str, level: int) -> list[LevelSample]:
+    return sorted((s for s in samples if s.engine == engine and s.concurrency == level), key=lambda s: s.run)
+
+
+def per_run_ratios(samples: list[LevelSample], level: int, top: str, bottom: str, metric: str,
+                   bottom_level: int | None = None) -> list[float]:
+    """metric(top) / metric(bottom) within each run (both measured in the same sweep)."""
+    get = METRICS[metric]
+    bottoms = {s.run: get(s) for s in select(samples, bottom, level if bottom_level is None else bottom_level)}
+    ratios = []
+    for sample in select(samples, top, level):
+        low = bottoms.get(sample.run, math.nan)
+        if math.isfinite(low) and low > 0:
+            ratios.append(get(sample) / low)
+    return ratios
+
+
+def metric_median(samples: list[LevelSample], engine: str, level: int, metric: str) -> float:
+    return median_of([METRICS[metric](s) for s in select(samples, engine, level)])
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    name: str
+    measured: str
+    met: bool | None  # None: not measured
+
+
+def target_checks(samples: list[LevelSample], levels: list[int]) -> list[TargetCheck]:
+    """Issue 13's targets, judged on the medians (ratios: the median of the per-run ratios)."""
+    checks: list[TargetCheck] = []
+    for level in (4, 8):
+        ratios = per_run_ratios(samples, level, "edgeserve", "llama-server", "aggregate")
+        name = f"aggregate tok/s at {level} streams ≥ 1.0× llama-server"
+        if level not in levels or not ratios:
+            checks.append(TargetCheck(name, "not measured", None))
+            continue
+        value = statistics.median(ratios)
+        checks.append(TargetCheck(name, f"{median_spread(ratios, 2)}×", value >= 1.0))
+    es, ls = (metric_median(samples, e, 4, "ttft99") for e in ("edgeserve", "llama-server"))
+    name = "TTFT p99 at 4 streams ≤ llama-server's"
+    if 4 in levels and math.isfinite(es) and math.isfinite(ls):
+        checks.append(TargetCheck(name, f"{es:.0f} ms vs {ls:.0f} ms", es <= ls))
+    else:
+        checks.append(TargetCheck(name, "not measured", None))
+    ratios = per_run_ratios(samples, 1, "edgeserve", "inprocess", "stream")
+    name = "single-stream decode ≥ 0.95× the in-process loop"
+    if ratios:
+        checks.append(TargetCheck(name, f"{median_spread(ratios, 3)}×", statistics.median(ratios) >= 0.95))
+    else:
+        checks.append(TargetCheck(name, "not measured", None))
+    return checks
+
+
+def _verdict(met: bool | None) -> str:
+    return "—" if met is None else ("met" if met else "**missed**")
+
+
+def concurrency_table(samples: list[LevelSample], levels: list[int], engines: list[str]) -> list[str]:
+    rows = [
+        "| streams | engine | aggregate tok/s | per-stream tok/s | TTFT p50 ms | TTFT p99 ms "
+        "| tokens/stream | other CPU, cores |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for level in levels:
+        for engine in engines:
+            chosen = select(samples, engine, level)
+            if not chosen:
+                continue
+            cells = [median_spread([METRICS[m](s) for s in chosen], 0 if m.startswith("ttft") else 1)
+                     for m in METRICS]
+            tokens = _fmt(mean_of([s.tokens_mean for s in chosen]), 1)
+            other = _fmt(mean_of([s.other_cores for s in chosen]), 2)
+            rows.append(f"| {level} | {CONCURRENT_ENGINES[engine]} | {' | '.join(cells)} | {tokens} | {other} |")
+    return rows
+
+
+def ratio_table(samples: list[LevelSample], levels: list[int]) -> list[str]:
+    rows = [
+        "| streams | aggregate edgeserve / llama-server | aggregate edgeserve / llama_cpp.server "
+        "| TTFT p99 edgeserve / llama-server | per-stream edgeserve / in-process |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for level in levels:
+        cells = [
+            median_spread(per_run_ratios(samples, level, "edgeserve", "llama-server", "aggregate"), 2),
+            median_spread(per_run_ratios(samples, level, "edgeserve", "llama_cpp.server", "aggregate"), 2),
+            median_spread(per_run_ratios(samples, level, "edgeserve", "llama-server", "ttft99"), 2),
+            median_spread(per_run_ratios(samples, level, "edgeserve", "inprocess", "stream", 1), 3)
+            if level == 1 else "—",
+        ]
+        rows.append(f"| {level} | {' | '.join(cells)} |")
+    return rows
+
+
+@dataclass(frozen=True)
+class ConcurrencySetup:
+    variant_id: str
+    levels: list[int]
+    runs: int
+    max_tokens: int
+    threads: int
+    n_ctx: int
+    n_batch: int
+    parallel: int
+    engines: list[str]
+    llama_server: str | None  # the binary's path and version, or None when not given
+    load_before: str = "n/a"
+    load_after: str = "n/a"
+    repeated: int = 0  # measurements taken again because other processes were busy
+    disturbed: int = 0  # measurements kept although still disturbed after the last retry
+    noise_cores: float = 0.25
+    noise_retries: int = 3
+    when: str = ""
+    machine: str = ""
+
+
+def token_sources(samples: list[LevelSample]) -> dict[str, list[str]]:
+    sources: dict[str, set[str]] = {}
+    for sample in samples:
+        sources.setdefault(sample.engine, set()).update(s.source for s in sample.streams)
+    return {engine: sorted(found) for engine, found in sources.items()}
+
+
+def render_concurrency_report(samples: list[LevelSample], setup: ConcurrencySetup) -> str:
+    levels, engines = setup.levels, setup.engines
+    header = [
+        f"Measured {setup.when or 'n/a'} on {setup.machine or 'this host'}; load average "
+        f"{setup.load_before} before, {setup.load_after} after.",
+        f"Variant {setup.variant_id}; concurrency {', '.join(map(str, levels))}; {setup.runs} runs; "
+        f"max_tokens {setup.max_tokens}; temperature {TEMPERATURE}; stream i's prompt \"{PROMPT}\" with "
+        "the i-th name, the same in every engine and run; no engine was asked to ignore end of sequence "
+        "(edgeserve has no such field), so tokens/stream shows how long the answers ran.",
+        f"n_threads {setup.threads} for every engine; n_ctx {setup.n_ctx} per sequence (edgeserve "
+        f"parallel = {setup.parallel}; llama-server --parallel {setup.parallel} -c "
+        f"{setup.n_ctx * setup.parallel} --cont-batching; llama_cpp.server --n_ctx {setup.n_ctx}, one "
+        f"request at a time); n_batch {setup.n_batch}.",
+        "One model process at a time: for every (run, streams, engine) the server was started, warmed "
+        "up with one short request, measured and stopped; runs interleave the engines at each level.",
+    ]
+    if setup.llama_server is None:
+        header.append("llama-server: skipped (no --llama-server PATH given).")
+    else:
+        header.append(f"llama-server: {setup.llama_server}.")
+    sources = token_sources(samples)
+    header.append("Completion tokens per stream as the server reported them: " + "; ".join(
+        f"{CONCURRENT_ENGINES[e]}: {', '.join(sources[e])}" for e in engines if e in sources) + ".")
+    checks = [
+        "| target | measured | |",
+        "|---|---:|---|",
+        *(f"| {c.name} | {c.measured} | {_verdict(c.met)} |" for c in target_checks(samples, levels)),
+    ]
+    footnote = (
+        "Cells: median over runs (min–max). Aggregate tok/s: the completion tokens of all streams "
+        "(as each server reported them, never counted from SSE chunks: usage = `usage.completion_tokens`, "
+        "length = finish_reason `length`, i.e. exactly max_tokens, retokenized = the streamed text "
+        "tokenized again, generated = counted in-process) over the wall time from the first request "
+        "sent to the last stream ended. Per-stream tok/s: the median stream's (tokens − 1) / (last "
+        "content delta − first). TTFT: first non-empty content delta − request sent, p50/p99 over the "
+        "streams of one run (linear interpolation). Ratios: within each run, then median (min–max) "
+        "over runs. Other CPU: cores used by other processes during a measurement; one above "
+        f"{setup.noise_cores} cores was measured again (server restarted), up to {setup.noise_retries} "
+        f"times: {setup.repeated} repeated, {setup.disturbed} kept disturbed."
+    )
+    return "\n".join([*header, "", *concurrency_table(samples, levels, engines), "",
+                      *ratio_table(samples, levels), "", *checks, "", footnote]) + "\n"
+
+
+# -- running it --
+
+
+def pinned_variant_toml(family: str, variant: VariantConfig, gguf: Path, parallel: int) -> str:
+    """A models file serving one prepared GGUF file (`path =`) with `parallel` places."""
+
+    def quoted(value: str) -> str:
+        return json.dumps(value)
+
+    lines = ["[[families]]", f"name = {quoted(family)}", f"default_variant = {quoted(variant.name)}", "",
+             "[[families.variants]]", f"name = {quoted(variant.name)}", f"path = {quoted(str(gguf))}",
+             f"n_ctx = {variant.n_ctx}", f"n_threads = {variant.threads}", f"n_batch = {variant.n_batch}",
+             f"parallel = {parallel}"]
+    if variant.chat_template is not None:
+        lines.append(f"chat_template = {quoted(variant.chat_template)}")
+    return "\n".join(lines) + "\n"
+
+
+def native_llama_server_command(binary: Path, path: Path, variant: VariantConfig, parallel: int,
+                                port: int) -> list[str]:
+    """llama.cpp's own server with `parallel` slots of n_ctx tokens each, the variant's threads."""
+    threads = str(variant.threads)
+    return [str(binary), "--model", str(path), "--host", "127.0.0.1", "--port", str(port),
+            "--threads", threads, "--threads-batch", threads, "--ctx-size", str(variant.n_ctx * parallel),
+            "--parallel", str(parallel), "--cont-batching", "--batch-size", str(variant.n_batch),
+            "--no-webui"]
+
+
+def llama_cpp_server_queue_command(path: Path, variant: VariantConfig, port: int) -> list[str]:
+    """llama_cpp.server, queueing concurrent requests (by default a new one interrupts the running one)."""
+    return [*llama_server_command(path, variant, port), "--interrupt_requests", "False"]
+
+
+def llama_server_version(binary: Path) -> str:
+    try:
+        done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"version unknown ({exc})"
+    lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    wanted = [line for line in lines if line.startswith(("version", "built with"))]
+    return "; ".join(wanted or lines[-2:]) or "version unknown"
+
+
+def http_streams(base_url: str, model: str, headers: dict[str, str] | None, prompts: list[Messages],
+                 max_tokens: int) -> list[tuple[float, float, list[tuple[float, str]]]]:
+    """Send every prompt at once, each on its own connection and thread, streaming; returns per
+    stream (sent, ended, timestamped lines). Lines are parsed only afterwards."""
+    barrier = threading.Barrier(len(prompts))
+
+    def one(messages: Messages) -> tuple[float, float, list[tuple[float, str]]]:
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": TEMPERATURE,
+                "repeat_penalty": REPEAT_PENALTY, "stream": True, "stream_options": {"include_usage": True}}
+        lines: list[tuple[float, str]] = []
+        with httpx.Client(base_url=base_url, headers=headers, timeout=REQUEST_TIMEOUT_S) as client:
+            barrier.wait(timeout=60)
+            sent = time.perf_counter()
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise RuntimeError(f"{base_url} answered {response.status_code}: {response.text[:500]}")
+                for line in response.iter_lines():
+                    lines.append((time.perf_counter(), line))
+            return sent, time.perf_counter(), lines
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        futures = [pool.submit(one, messages) for messages in prompts]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            barrier.abort()
+            raise
+
+
+class ConcurrentBench:
+    """Starts one engine at a time for one target and measures C streams on it."""
+
+    def __init__(self, target: Target, args: argparse.Namespace, workdir: Path, parallel: int) -> None:
+        self.target, self.args, self.workdir, self.parallel = target, args, workdir, parallel
+        self.models = workdir / "edgeserve.models.toml"
+        self.models.write_text(pinned_variant_toml(target.family.name, target.variant, target.path, parallel))
+        # edgeserve keeps its cost profiles here, not in --cache-dir: a copy of the stored ones (so it
+        # need not calibrate at every start), updated by its own runs only
+        self.cache_dir = workdir / "edgeserve-cache"
+        stored = args.cache_dir / "profiles"
+        if stored.is_dir():
+            shutil.copytree(stored, self.cache_dir / "profiles")
+        self._tokenizer: Any = None
+
+    def retokenize(self, text: str) -> int:
+        if self._tokenizer is None:
+            import llama_cpp
+
+            self._tokenizer = llama_cpp.Llama(model_path=str(self.target.path), vocab_only=True, verbose=False)
+        return len(self._tokenizer.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def close(self) -> None:
+        if self._tokenizer is not None:
+            self._tokenizer.close()
+
+    def measure(self, engine: str, level: int, run: int, meter_cores: float) -> tuple[LevelSample, int]:
+        """Measure `engine` at `level`, again with a freshly started engine while other processes
+        disturbed it (up to --noise-retries times); returns the sample and how often it was repeated."""
+        attempt = 0
+        while True:
+            sample = self._measure_once(engine, level, run)
+            if not sample.other_cores > meter_cores or attempt >= self.args.noise_retries:
+                return sample, attempt
+            attempt += 1
+            progress(f"{engine} at {level} streams disturbed ({sample.other_cores:.2f} cores > {meter_cores}); "
+                     f"measuring again (retry {attempt}/{self.args.noise_retries})")
+
+    def _measure_once(self, engine: str, level: int, run: int) -> LevelSample:
+        prompts = [stream_messages(i) for i in range(level)]
+        max_tokens = self.args.max_tokens
+        if engine == "inprocess":
+            inprocess = InProcessEngine(self.target.path, self.target.variant)
+            try:
+                inprocess.run(messages_for(None), WARMUP_TOKENS)
+                meter = CpuMeter([os.getpid()])
+                wait_for_quiet(meter, self.args.noise_cores)
+                before = meter.snapshot()
+                sent, stamps = inprocess.generate(prompts[0], max_tokens)
+                ended = time.perf_counter()
+                other = meter.other_cores(before, meter.snapshot())
+            finally:
+                inprocess.close()
+            first, last = (stamps[0], stamps[-1]) if stamps else (math.nan, math.nan)
+            alone = StreamResult(sent, first, last, ended, len(stamps), "generated")
+            return LevelSample(engine, level, run, (alone,), other)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        log = self.workdir / f"{engine}.c{level}.r{run + 1}.log"
+        headers: dict[str, str] | None = None
+        env: dict[str, str] | None = None
+        if engine == "edgeserve":
+            command = edgeserve_command(self.models, self.cache_dir, port)
+            ready, headers, env = f"{base}/ready", EDGESERVE_HEADERS, {"EDGESERVE_LOG_FORMAT": "json"}
+        elif engine == "llama-server":
+            command = native_llama_server_command(self.args.llama_server, self.target.path, self.target.variant,
+                                                  self.parallel, port)
+            ready = f"{base}/health"
+        else:
+            command = llama_cpp_server_queue_command(self.target.path, self.target.variant, port)
+            ready = f"{base}/v1/models"
+        model = self.target.variant_id
+        retokenize = self.retokenize if engine == "llama_cpp.server" else None
+        with server_process(engine, command, ready, log, env=env, timeout_s=CONCURRENT_READY_TIMEOUT_S) as server:
+            http_streams(base, model, headers, [messages_for(None)], WARMUP_TOKENS)
+            meter = CpuMeter([os.getpid(), server.process.pid])
+            wait_for_quiet(meter, self.args.noise_cores)
+            before = meter.snapshot()
+            raw = http_streams(base, model, headers, prompts, max_tokens)
+            other = meter.other_cores(before, meter.snapshot())
+        streams = tuple(stream_result(sent, ended, lines, max_tokens, retokenize) for sent, ended, lines in raw)
+        return LevelSample(engine, level, run, streams, other)
+
+
+def bench_concurrency(target: Target, args: argparse.Namespace, levels: list[int], workdir: Path) -> str:
+    parallel = max(levels)
+    engines = ["inprocess", "edgeserve"] if 1 in levels else ["edgeserve"]
+    version = None
+    if args.llama_server is not None:
+        engines.append("llama-server")
+        version = f"`{args.llama_server}`, {llama_server_version(args.llama_server)}"
+    engines.append("llama_cpp.server")
+    setup = ConcurrencySetup(
+        variant_id=target.variant_id, levels=levels, runs=args.runs, max_tokens=args.max_tokens,
+        threads=target.variant.threads, n_ctx=target.variant.n_ctx, n_batch=target.variant.n_batch,
+        parallel=parallel, engines=engines, llama_server=version, load_before=_load_average(),
+        noise_cores=args.noise_cores, noise_retries=args.noise_retries,
+        when=dt.datetime.now().astimezone().isoformat(timespec="minutes"),
+        machine=(f"{platform.node() or 'this host'} ({platform.machine()}, {os.cpu_count()} CPUs, Python "
+                 f"{platform.python_version()}, llama-cpp-python {_llama_cpp_version()}, edgeserve "
+                 f"{_source_version()})"))
+    bench = ConcurrentBench(target, args, workdir, parallel)
+    samples: list[LevelSample] = []
+    repeated = disturbed = 0
+    try:
+        for run, level, engine in run_plan(levels, args.runs, engines):
+            sample, retries = bench.measure(engine, level, run, args.noise_cores)
+            repeated += retries
+            disturbed += int(sample.other_cores > args.noise_cores)
+            samples.append(sample)
+            progress(f"run {run + 1}/{args.runs}, {level} streams, {engine}: {sample.aggregate_tps:.1f} tok/s "
+                     f"aggregate, {sample.stream_tps:.1f} per stream, TTFT p50 {sample.ttft_ms(50):.0f} ms "
+                     f"p99 {sample.ttft_ms(99):.0f} ms, {sample.tokens_mean:.0f} tokens/stream, "
+                     f"other processes {sample.other_cores:.2f} cores")
+    finally:
+        bench.close()
+    setup = dataclasses.replace(setup, load_after=_load_average(), repeated=repeated, disturbed=disturbed)
+    return render_concurrency_report(samples, setup)
+
+
 # ---- command line ------------------------------------------------------------------------------
 
 
@@ -556,6 +1123,13 @@ def add_bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--threads", type=int,
                        help="override n_threads (and n_threads_batch) of models.toml for all engines")
     bench.add_argument("--out", type=Path, help="also write the markdown report to this file")
+    bench.add_argument("--concurrency", metavar="LIST",
+                       help="concurrency mode: for each C in this comma-separated list (e.g. 1,2,4,8), C clients "
+                            "stream at once; aggregate and per-stream tok/s, TTFT p50/p99 of edgeserve "
+                            "(parallel = the largest C), llama-server and llama_cpp.server, one server at a time")
+    bench.add_argument("--llama-server", type=Path, metavar="PATH",
+                       help="llama.cpp's llama-server binary, measured in the concurrency mode with --parallel "
+                            "the largest C (skipped, and said so in the report, without it)")
 
 
 def with_threads(variant: VariantConfig, threads: int | None) -> VariantConfig:
@@ -588,11 +1162,24 @@ def run_bench(args: argparse.Namespace) -> int:
         print("edgeserve bench: --runs and --threads must be >= 1, --max-tokens >= 2, "
               "--noise-retries >= 0", file=sys.stderr)
         return 2
+    levels: list[int] | None = None
+    if getattr(args, "concurrency", None):
+        try:
+            levels = parse_levels(args.concurrency)
+        except ValueError as exc:
+            print(f"edgeserve bench: {exc}", file=sys.stderr)
+            return 2
+        binary = getattr(args, "llama_server", None)
+        if binary is not None and not (binary.is_file() and os.access(binary, os.X_OK)):
+            print(f"edgeserve bench: --llama-server {binary} is not an executable file", file=sys.stderr)
+            return 2
     try:
         targets = select_targets(args.variant, args)
     except EdgeserveError as exc:
         print(f"edgeserve bench: {exc.message}", file=sys.stderr)
         return 2
+    if levels is not None:
+        return run_concurrency_bench(targets, args, levels)
     results: list[VariantResult] = []
     load_before = _load_average()
     with tempfile.TemporaryDirectory(prefix="edgeserve-bench-") as tmp:
@@ -603,6 +1190,28 @@ def run_bench(args: argparse.Namespace) -> int:
             print(f"edgeserve bench: {exc}", file=sys.stderr)
             return 1
     report = render_report(results, args, load_before)
+    print(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+        progress(f"wrote {args.out}")
+    return 0
+
+
+def run_concurrency_bench(targets: list[Target], args: argparse.Namespace, levels: list[int]) -> int:
+    if getattr(args, "llama_server", None) is None:
+        progress("no --llama-server PATH: llama-server is skipped")
+    reports: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="edgeserve-bench-") as tmp:
+        try:
+            for target in targets:
+                workdir = Path(tmp) / target.variant_id.replace(":", "_")
+                workdir.mkdir()
+                reports.append(bench_concurrency(target, args, levels, workdir))
+        except (RuntimeError, httpx.HTTPError, threading.BrokenBarrierError) as exc:
+            print(f"edgeserve bench: {exc}", file=sys.stderr)
+            return 1
+    report = "\n".join(reports)
     print(report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
