@@ -2,8 +2,10 @@
 
 Pure (no clock, no I/O): the stepping loop (runtime/stepper.py) publishes what it runs as a
 `Board`, admission asks `fit_budget` how many tokens a newcomer may have so that it *and every
-sequence already admitted* finish by their deadlines, and the simulator replays traces through
-the same `Timeline`. The timeline follows the stepping loop's rules exactly:
+sequence already admitted* finish by their deadlines, and the simulator (routing/simulator.py)
+replays traces through the same `Timeline`: it advances one to each arrival (`advance_to`),
+hands the policy that moment's `Board` (`Timeline.board`) and adds what the policy admits. The
+timeline follows the stepping loop's rules exactly:
 
 * each step runs ONE variant's batch, the variant whose running sequences hold the most urgent
   deadline (no deadline sorts last; ties go to the variant listed first);
@@ -17,12 +19,18 @@ Costs come from each variant's CostProfile: a step of ``w`` decoding sequences c
 ``step_ms(profile, w, mean context)``, a prefill chunk costs the prefill curve's increment (the
 fixed part charged with the first chunk). Sequences are assumed to use their whole budget: one
 that stops early only frees time, so predictions err on the safe side.
+
+Two knobs exist for the simulator's "what really happened" timeline and are off in admission's
+predictions: a sequence's ``cost_factor`` scales what its steps cost (a request that runs slower
+or faster than its profile says), and ``Timeline.cut_at_deadline`` applies the runtime's deadline
+rule (runtime.sequence: a sequence leaves its batch before a step that would end after its
+deadline, with the tokens it has).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from edgeserve.routing.costs import CostProfile, prefill_ms, step_ms
@@ -48,6 +56,10 @@ class SeqLoad:
     context: int = 0  # tokens in its KV cache now (evaluated prompt + generated)
     deadline_ms: float | None = None
     running: bool = True  # in its variant's batch; False: waiting for a free place
+    cost_factor: float = 1.0  # its steps cost this many times what the profile says (simulated noise)
+
+
+EPSILON_MS = 1e-6  # float slack when a finish is compared with a deadline (sums split differently)
 
 
 @dataclass
@@ -62,11 +74,26 @@ class _Seq:
     def urgency(self) -> float:
         return math.inf if self.load.deadline_ms is None else self.load.deadline_ms
 
+    @property
+    def produced(self) -> int:
+        return self.load.tokens_left - self.tokens_left
+
+    def now_load(self, now_ms: float, running: bool) -> SeqLoad:
+        """This sequence as it stands, times from ``now_ms``."""
+        deadline = self.load.deadline_ms
+        return replace(self.load, tokens_left=self.tokens_left, prompt_left=self.prompt_left,
+                       context=self.context, running=running,
+                       deadline_ms=None if deadline is None else deadline - now_ms)
+
 
 @dataclass
 class Timeline:
     """Steps the board forward in whole segments (a run of identical steps) until every
-    sequence has finished; ``finish_ms`` / ``start_ms`` say when each did and when it joined."""
+    sequence has finished; ``finish_ms`` / ``start_ms`` say when each did and when it joined.
+
+    ``cut_at_deadline``: the runtime's deadline rule, for the simulator (see the module
+    docstring); ``cut`` then holds, per sequence that left at its deadline, the tokens it had
+    produced (its ``finish_ms`` is when it left)."""
 
     variants: dict[str, VariantLoad]
     chunk_tokens: int = 64
@@ -75,6 +102,8 @@ class Timeline:
     waiting: dict[str, list[_Seq]] = field(default_factory=dict)
     finish_ms: dict[int, float] = field(default_factory=dict)
     start_ms: dict[int, float] = field(default_factory=dict)
+    cut_at_deadline: bool = False
+    cut: dict[int, int] = field(default_factory=dict)
 
     def add(self, load: SeqLoad) -> None:
         if load.variant not in self.variants:
@@ -114,6 +143,42 @@ class Timeline:
     def step_segment(self) -> bool:
         """Run one segment: one prefill-carrying step, or the identical decode steps up to the
         next sequence's end. False when nothing is left to run."""
+        return self._segment(math.inf)
+
+    def advance_to(self, until_ms: float) -> list[int]:
+        """Run every step that starts before ``until_ms``, then idle up to it if nothing runs.
+
+        A step under way at ``until_ms`` runs to its end (sequences join and leave only between
+        steps, as in the stepping loop), so afterwards ``now_ms >= until_ms``: the state is the
+        one a newcomer arriving at ``until_ms`` can first join. Returns the keys of the sequences
+        that finished meanwhile, in the order they did (their times are in ``finish_ms``).
+        ``until_ms`` inf runs until every sequence has finished (``now_ms`` is then the last
+        finish)."""
+        before = len(self.finish_ms)
+        while self.now_ms < until_ms and self._segment(until_ms):
+            pass
+        if not math.isinf(until_ms):
+            self.now_ms = max(self.now_ms, until_ms)
+        return list(self.finish_ms)[before:]
+
+    def board(self) -> Board:
+        """What runs and waits now, as the stepping loop publishes it for admission: every
+        sequence still to finish, with its times in ms from ``now_ms``. Its timeline predicts
+        the same finishes as this one (less ``now_ms``, and without ``cut_at_deadline``)."""
+        loads: list[SeqLoad] = []
+        for name in dict.fromkeys([*self.running, *self.waiting]):  # lane order: ties follow it
+            loads += [s.now_load(self.now_ms, True) for s in self.running.get(name, [])]
+            loads += [s.now_load(self.now_ms, False) for s in self.waiting.get(name, [])]
+        return Board(dict(self.variants), tuple(loads), self.chunk_tokens)
+
+    def _leave(self, seq: _Seq, batch: list[_Seq], cut: bool) -> None:
+        batch.remove(seq)
+        self.finish_ms[seq.load.key] = self.now_ms
+        if cut:
+            self.cut[seq.load.key] = seq.produced
+
+    def _segment(self, until_ms: float) -> bool:
+        """One segment, of which only the steps that start before ``until_ms`` run."""
         name = self._next_variant()
         if name is None:
             return False
@@ -121,15 +186,31 @@ class Timeline:
         batch = self.running[name]
         decoding = [s for s in batch if s.prompt_left == 0]
         prefilling = [s for s in batch if s.prompt_left > 0]
+        factor = _mean_factor(decoding)
+        seq: _Seq | None = None
+        chunk = 0
         if prefilling:
             seq = min(prefilling, key=lambda s: (s.urgency, s.load.key))
             chunk = min(self.chunk_tokens, seq.prompt_left)
             cost = max(prefill_ms(profile, seq.context + chunk) - prefill_ms(profile, seq.context), 0.0)
             if not seq.prefilled_any:  # the fixed part is charged once, with the first chunk
-                seq.prefilled_any = True
                 cost += profile.prefill_fixed_ms
+            cost *= seq.load.cost_factor
             if decoding:
-                cost += step_ms(profile, len(decoding), _mean_context(decoding))
+                cost += step_ms(profile, len(decoding), _mean_context(decoding)) * factor
+        else:
+            cost = step_ms(profile, len(decoding), _mean_context(decoding) + 1) * factor
+        if self.cut_at_deadline:
+            members = [*decoding, *([seq] if seq is not None else [])]
+            late = [s for s in members if s.load.deadline_ms is not None
+                    and self.now_ms + cost > s.load.deadline_ms + EPSILON_MS]
+            if late:  # they leave before the step; the rest is planned again without them
+                for s in late:
+                    self._leave(s, batch, cut=True)
+                self._fill()
+                return True
+        if seq is not None:
+            seq.prefilled_any = True
             self.now_ms += cost
             seq.prompt_left -= chunk
             seq.context += chunk
@@ -140,19 +221,27 @@ class Timeline:
                 seq.tokens_left -= 1  # the step that ends the prompt samples its first token
                 seq.context += 1
         else:
-            steps = min(s.tokens_left for s in decoding)
             width = len(decoding)
             base = _mean_context(decoding)
-            # sum over j = 1..steps of step_ms(width, base + j): linear in the context
             first = step_ms(profile, width, base + 1)
-            last = step_ms(profile, width, base + steps)
-            self.now_ms += steps * (first + last) / 2
+
+            def run_ms(steps: int) -> float:
+                """sum over j = 1..steps of step_ms(width, base + j): linear in the context"""
+                return steps * (first + step_ms(profile, width, base + steps)) / 2 * factor
+
+            steps = min(s.tokens_left for s in decoding)
+            if not math.isinf(until_ms):  # the steps that start before until_ms
+                steps = _largest(steps - 1, lambda k: self.now_ms + run_ms(k) < until_ms) + 1
+            deadlines = [s.load.deadline_ms for s in decoding if s.load.deadline_ms is not None]
+            if self.cut_at_deadline and deadlines:  # no one decodes past its deadline (step 1 fits)
+                limit = min(deadlines) + EPSILON_MS
+                steps = _largest(steps, lambda k: self.now_ms + run_ms(k) <= limit)
+            self.now_ms += run_ms(steps)
             for s in decoding:
                 s.tokens_left -= steps
                 s.context += steps
         for s in [s for s in batch if s.tokens_left <= 0]:
-            batch.remove(s)
-            self.finish_ms[s.load.key] = self.now_ms
+            self._leave(s, batch, cut=False)
         self._fill()
         return True
 
@@ -164,6 +253,26 @@ class Timeline:
 
 def _mean_context(seqs: Sequence[_Seq]) -> float:
     return sum(s.context for s in seqs) / len(seqs)
+
+
+def _mean_factor(seqs: Sequence[_Seq]) -> float:
+    """What a step of these sequences costs relative to the profile: their mean cost factor."""
+    if not seqs:
+        return 1.0
+    return sum(s.load.cost_factor for s in seqs) / len(seqs)
+
+
+def _largest(high: int, ok: Callable[[int], bool]) -> int:
+    """The largest k in [0, high] with ok(k), for ok true up to some k and false after (0 if
+    only ok(0), which is not asked)."""
+    low = 0
+    while low < high:
+        middle = (low + high + 1) // 2
+        if ok(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 @dataclass(frozen=True)

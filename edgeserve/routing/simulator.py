@@ -1,29 +1,38 @@
-"""Replay arrivals through the real policy and a simulated queue, with no model and no clock.
+"""Replay arrivals through the real policy and the server's batching model, with no model and no clock.
 
-The simulated server has one CPU slot served earliest-deadline-first (requests without a deadline
-after those with one, in arrival order); the policy is told the same queue wait and slack (the
-longest a newcomer may run without making a queued request miss) as the server's scheduler,
-computed by the same functions (routing.queue). Each admitted request takes its predicted time, optionally
-multiplied by a lognormal noise factor drawn from ``random.Random(seed)``. Like the runner, a
-generation that would overrun its deadline is cut at the deadline: it then counts as a miss and its
-realized accuracy is the curve's value at the tokens it managed to produce.
+The simulated board is the server's: every candidate is a local variant with ``parallel`` places
+in its batch, one CPU runs one variant's batch per step, and `routing.batching.Timeline` keeps
+what has been admitted (the same timeline admission predicts with). At each arrival the timeline
+is advanced to the arrival (a step under way finishes first: newcomers join between steps), the
+policy is given that moment's `Board` — exactly what the stepping loop would publish — and
+decides with `choose(..., board)` as the server does (`fit_budget`: the largest budget that
+finishes in time while every admitted request still meets its deadline); an admitted request
+joins its variant's batch or waits for a place, earliest deadline first.
+
+Each admitted request may run slower or faster than predicted: with ``noise`` its steps cost a
+lognormal factor (drawn from ``random.Random(seed)``) times what its profile says, a batch step
+the mean factor of its members; the policy never sees the factor, only where the requests stand.
+Like the runtime, a sequence leaves its batch before a step that would end after its deadline:
+it then counts as a miss and its realized accuracy is the curve's value at the tokens it had.
 
 ``accuracy_vs_deadline`` and ``crossover_deadline`` answer the study's question for one request
-shape: which variant wins at which deadline, and from which deadline on the slower, better one wins.
+shape on an empty board: which variant wins at which deadline, and from which deadline on the
+slower, better one wins. (On an empty board the timeline's prediction is the closed form of
+routing.costs, so these call the policy without a board.)
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Annotated
 
 import msgspec
 
-from edgeserve.routing import queue as queue_model
-from edgeserve.routing.costs import CostProfile, max_new_tokens_within, predict_ms
+from edgeserve.routing.batching import EPSILON_MS, Board, SeqLoad, Timeline, VariantLoad
+from edgeserve.routing.costs import predict_ms
 from edgeserve.routing.policy import (
     Decision,
     Refusal,
@@ -44,13 +53,18 @@ class Arrival(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    """One request's fate. ``queue_estimate_ms``: the wait the policy predicted from the arrival
+    until the request joins its variant's batch (for a refusal: until the next step boundary).
+    ``start_ms`` / ``finish_ms``: when it joined its batch and when it left it (its last token,
+    or its cut at the deadline), on the trace's clock."""
+
     arrival: Arrival
     variant: str | None  # curve name; None when refused
     refusal_code: str | None
     budget_tokens: int
     expected_accuracy: float  # at the decision (0 when refused)
     realized_accuracy: float  # after a cut at the deadline (0 when refused)
-    queue_estimate_ms: float  # what the policy was told
+    queue_estimate_ms: float
     start_ms: float | None
     finish_ms: float | None
     met_deadline: bool | None  # None: no deadline or refused
@@ -77,25 +91,19 @@ class SimulationResult(msgspec.Struct, frozen=True, kw_only=True):
     outcomes: list[Outcome]
 
 
-class _Job(msgspec.Struct):
-    index: int
+class _Admitted(msgspec.Struct, frozen=True):
     arrival: Arrival
     decision: Decision
-    profile: CostProfile
-    factor: float
-    key: float  # absolute deadline, inf without one
+    wait_ms: float  # predicted, from the arrival until it joins its batch
+    deadline_at: float | None  # on the trace's clock
 
 
-def _scaled(profile: CostProfile, factor: float) -> CostProfile:
-    return msgspec.structs.replace(
-        profile,
-        prefill_fixed_ms=profile.prefill_fixed_ms * factor,
-        prefill_ms_per_token=profile.prefill_ms_per_token * factor,
-        prefill_growth_ms_per_token_per_1k_ctx=profile.prefill_growth_ms_per_token_per_1k_ctx * factor,
-        decode_ms_per_token=profile.decode_ms_per_token * factor,
-        decode_growth_ms_per_token_per_1k_ctx=profile.decode_growth_ms_per_token_per_1k_ctx
-        * factor,
-    )
+def parallel_of(parallel: int | Mapping[str, int], variant_id: str) -> int:
+    """A variant's places in its batch: one number for all, or per variant_id (missing: 1)."""
+    places = parallel if isinstance(parallel, int) else parallel.get(variant_id, 1)
+    if places < 1:
+        raise ValueError(f"parallel must be at least 1 ({variant_id}: {places})")
+    return places
 
 
 def simulate(
@@ -103,100 +111,85 @@ def simulate(
     candidates: Sequence[VariantCandidate],
     policy: PolicyFile,
     *,
+    parallel: int | Mapping[str, int] = 1,
+    chunk_tokens: int = 64,
     noise: float = 0.0,
     seed: int = 0,
     style: str | None = None,
     hint: bool | None = None,
 ) -> SimulationResult:
-    """Replay ``trace`` (any order; sorted by arrival) through ``choose`` and one EDF slot.
+    """Replay ``trace`` (any order; sorted by arrival) through ``choose`` and the batching timeline.
 
-    ``noise`` is the sigma of the lognormal factor applied to each service time (0: services
-    take exactly their predicted time). The queue wait told to the policy is the predicted time
-    left of the running job plus the predicted times of the queued jobs that EDF puts ahead, and
-    its run limit the slack before a queued job with a later deadline would miss
-    (routing.queue, as in the server).
+    ``parallel``: how many sequences share a variant's batch (models.toml's ``parallel``), one
+    number for every variant or a mapping variant_id → places; ``chunk_tokens``: the prompt
+    tokens evaluated per step (``edgeserve serve --prefill-chunk``). ``noise`` is the sigma of the
+    lognormal cost factor of each admitted request (0: every step costs exactly its prediction,
+    and every admitted request with a deadline meets it).
     """
     rng = random.Random(seed)
-    by_id = {c.variant_id: c for c in candidates}
+    variants = {c.variant_id: VariantLoad(c.profile, parallel_of(parallel, c.variant_id))
+                for c in candidates}
     order = sorted(range(len(trace)), key=lambda i: (trace[i].arrival_ms, i))
+    start = trace[order[0]].arrival_ms if order else 0.0
+    timeline = Timeline(dict(variants), chunk_tokens, now_ms=start, cut_at_deadline=True)
+    admitted: dict[int, _Admitted] = {}
     outcomes: dict[int, Outcome] = {}
-    queue: list[tuple[float, int, _Job]] = []
-    running: tuple[_Job, float, float] | None = None  # job, start, predicted end
-    running_end = 0.0
 
-    def run_next(now: float) -> None:
-        nonlocal running, running_end
-        if not queue:
-            running = None
-            return
-        _, _, job = heapq.heappop(queue)
-        start = max(now, job.arrival.arrival_ms)
-        end, outcome = _serve(job, start, policy)
-        outcomes[job.index] = outcome
-        running = (job, start, start + job.decision.predicted_ms)
-        running_end = end
+    def settle(keys: list[int]) -> None:
+        for key in keys:
+            outcomes[key] = _outcome(admitted.pop(key), key, timeline, policy)
 
-    def advance(to: float) -> None:
-        while running is not None and running_end <= to:
-            run_next(running_end)
-
-    for seq, i in enumerate(order):
+    for i in order:
         item = trace[i]
-        now = item.arrival_ms
-        advance(now)
-        key = math.inf if item.deadline_ms is None else now + item.deadline_ms
-        deadline_at = None if item.deadline_ms is None else key
-        on_cpu = [] if running is None else [(running[1], running[0].decision.predicted_ms)]
-        waiting = [(k, job.decision.predicted_ms) for k, _, job in sorted(queue)]
-        wait = queue_model.wait_estimate_ms(now, deadline_at, on_cpu, waiting, 1, 0 if running else 1)
+        settle(timeline.advance_to(item.arrival_ms))
+        lag = timeline.now_ms - item.arrival_ms  # the step under way when it arrived
+        board = _as_published(timeline.board(), variants)
         request = RoutingRequest(prompt_tokens=item.prompt_tokens,
                                  requested_max_tokens=item.max_tokens,
-                                 deadline_ms=item.deadline_ms, style=style, hint=hint,
-                                 run_limit_ms=queue_model.slack_ms(now, deadline_at, on_cpu, waiting, 1))
-        decision = choose(request, candidates, policy, wait)
+                                 deadline_ms=None if item.deadline_ms is None else item.deadline_ms - lag,
+                                 style=style, hint=hint)
+        decision = choose(request, candidates, policy, 0.0, board)
         if isinstance(decision, Refusal):
             outcomes[i] = Outcome(arrival=item, variant=None, refusal_code=decision.code,
                                   budget_tokens=0, expected_accuracy=0.0, realized_accuracy=0.0,
-                                  queue_estimate_ms=wait, start_ms=None, finish_ms=None,
+                                  queue_estimate_ms=lag, start_ms=None, finish_ms=None,
                                   met_deadline=None)
             continue
         factor = rng.lognormvariate(0.0, noise) if noise > 0 else 1.0
-        job = _Job(i, item, decision, by_id[decision.variant_id].profile, factor, key)
-        outcomes[i] = Outcome(arrival=item, variant=decision.variant_name, refusal_code=None,
-                              budget_tokens=decision.max_tokens,
-                              expected_accuracy=decision.expected_accuracy,
-                              realized_accuracy=0.0, queue_estimate_ms=wait, start_ms=None,
-                              finish_ms=None, met_deadline=None)
-        heapq.heappush(queue, (key, seq, job))  # EDF, then arrival order
-        if running is None:
-            run_next(now)
-    advance(math.inf)
+        deadline_at = None if item.deadline_ms is None else item.arrival_ms + item.deadline_ms
+        admitted[i] = _Admitted(item, decision, lag + decision.queue_wait_ms, deadline_at)
+        timeline.add(SeqLoad(i, decision.variant_id, decision.max_tokens,
+                             prompt_left=item.prompt_tokens, context=0, deadline_ms=deadline_at,
+                             running=False, cost_factor=factor))
+    settle(timeline.advance_to(math.inf))
     return _summarise([outcomes[i] for i in range(len(trace))])
 
 
-def _serve(job: _Job, start: float, policy: PolicyFile) -> tuple[float, Outcome]:
-    """When the job ends and how it went, cutting it at its deadline like the runner does."""
-    decision, item = job.decision, job.arrival
-    actual = _scaled(job.profile, job.factor)
-    tokens = decision.max_tokens
-    end = start + predict_ms(actual, item.prompt_tokens, tokens)
+def _as_published(board: Board, variants: dict[str, VariantLoad]) -> Board:
+    """The board as the server's admission sees it: the profiles, not how each request really runs."""
+    sequences = tuple(replace(s, cost_factor=1.0) for s in board.sequences)
+    return replace(board, variants=variants, sequences=sequences)
+
+
+def _outcome(done: _Admitted, key: int, timeline: Timeline, policy: PolicyFile) -> Outcome:
+    """How an admitted request went: its tokens, and whether it was cut at its deadline."""
+    decision = done.decision
+    finish = timeline.finish_ms[key]
+    cut = key in timeline.cut
     met: bool | None = None
-    if item.deadline_ms is not None:
-        met = end <= job.key
-        if not met:
-            tokens = max_new_tokens_within(actual, item.prompt_tokens, job.key - start,
-                                           limit=decision.max_tokens)
-            end = max(start + predict_ms(actual, item.prompt_tokens, tokens), start)
-    curve = policy.curve_for(decision.variant_name, decision.style,
-                             decision.hint_tokens is not None)
-    realized = decision.expected_accuracy if met is not False else (
-        curve.accuracy(tokens) if curve is not None else 0.0)
-    outcome = Outcome(arrival=item, variant=decision.variant_name, refusal_code=None,
-                      budget_tokens=decision.max_tokens,
-                      expected_accuracy=decision.expected_accuracy, realized_accuracy=realized,
-                      queue_estimate_ms=decision.queue_wait_ms, start_ms=start, finish_ms=end,
-                      met_deadline=met)
-    return end, outcome
+    if done.deadline_at is not None:
+        met = not cut and finish <= done.deadline_at + EPSILON_MS
+    if met is False:
+        curve = policy.curve_for(decision.variant_name, decision.style,
+                                 decision.hint_tokens is not None)
+        tokens = timeline.cut.get(key, decision.max_tokens)
+        realized = curve.accuracy(tokens) if curve is not None else 0.0
+    else:
+        realized = decision.expected_accuracy
+    return Outcome(arrival=done.arrival, variant=decision.variant_name, refusal_code=None,
+                   budget_tokens=decision.max_tokens, expected_accuracy=decision.expected_accuracy,
+                   realized_accuracy=realized, queue_estimate_ms=done.wait_ms,
+                   start_ms=timeline.start_ms.get(key, finish), finish_ms=finish, met_deadline=met)
 
 
 def _summarise(outcomes: list[Outcome]) -> SimulationResult:

@@ -2,7 +2,9 @@
 
 This is the I/O shell around edgeserve.routing.simulator: it reads the policy file, the cost
 profiles and the trace, and prints hit rate, expected accuracy, variant shares and the
-accuracy-vs-deadline table with the crossover deadline. No model is loaded.
+accuracy-vs-deadline table with the crossover deadline. No model is loaded. The trace is replayed
+through the server's own batching model: every variant has --parallel places in its batch (as
+`parallel` in models.toml) and its profile's batch_step_factors say what a wider step costs.
 
 Profiles: a JSON list of CostProfile objects, or an object {variant_id: CostProfile}. A variant's
 curve name in the policy is the part of its variant_id after the last ":" (llama31-8b:q8_0 → q8_0).
@@ -54,6 +56,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="budget hint (default: the policy's hint.enabled)")
     parser.add_argument("--n-ctx", type=int, default=4096,
                         help="context size of every variant (default 4096)")
+    parser.add_argument("--parallel", type=_positive, default=1, metavar="N",
+                        help="sequences that may share a variant's batch, as `parallel` in "
+                             "models.toml (default 1)")
+    parser.add_argument("--prefill-chunk", type=_positive, default=64, metavar="TOKENS",
+                        help="prompt tokens evaluated per step, as `edgeserve serve "
+                             "--prefill-chunk` (default 64)")
     parser.add_argument("--requests", type=int, default=40,
                         help="requests in the generated sweep (default 40)")
     parser.add_argument("--gap-ms", type=float, default=None,
@@ -61,8 +69,15 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=16,
                         help="rows of the accuracy-vs-deadline table (default 16)")
     parser.add_argument("--noise", type=float, default=0.0,
-                        help="sigma of a lognormal factor on service times (default 0)")
+                        help="sigma of a lognormal factor on each request's step costs (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --noise (default 0)")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -144,9 +159,11 @@ def _run(args: argparse.Namespace) -> None:
         spacing = "no queueing" if args.gap_ms is None else f"every {format_ms(args.gap_ms)}"
         source = (f"generated sweep: {len(trace)} requests of {args.prompt_tokens} prompt tokens, "
                   f"deadlines {format_ms(lo)} .. {format_ms(hi)}, {spacing}")
-    result = simulate(trace, candidates, policy, noise=args.noise, seed=args.seed, style=style,
-                      hint=hint)
-    print(source + (f", service-time noise σ={args.noise} seed {args.seed}" if args.noise else ""))
+    result = simulate(trace, candidates, policy, parallel=args.parallel,
+                      chunk_tokens=args.prefill_chunk, noise=args.noise, seed=args.seed,
+                      style=style, hint=hint)
+    print(source + f"; parallel {args.parallel}, prefill chunk {args.prefill_chunk}"
+          + (f", step-cost noise σ={args.noise} seed {args.seed}" if args.noise else ""))
     print_summary(result)
 
     lo, hi = deadline_range(policy, candidates, args.prompt_tokens, max_tokens=args.max_tokens)

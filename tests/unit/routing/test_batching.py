@@ -125,6 +125,99 @@ def test_a_late_sequence_does_not_block_newcomers() -> None:
     assert fit is not None and fit.tokens == 50
 
 
+def test_advance_to_runs_the_steps_that_start_before_and_reports_who_finished() -> None:
+    timeline = Board({"f:q8_0": VariantLoad(profile(), parallel=4)}).timeline([
+        SeqLoad(1, "f:q8_0", tokens_left=10, context=1),
+        SeqLoad(2, "f:q8_0", tokens_left=3, context=1, running=False),
+    ])  # two decoding at width 2: steps of 12 ms
+    assert timeline.advance_to(30) == [2]  # steps at 0, 12, 24: the one under way at 30 ends at 36
+    assert timeline.now_ms == pytest.approx(36)
+    assert timeline.finish_ms[2] == pytest.approx(36)
+    assert timeline.advance_to(36) == []  # nothing starts before 36: nothing runs
+    assert timeline.advance_to(1000) == [1]
+    assert timeline.finish_ms[1] == pytest.approx(36 + 7 * 10)
+    assert timeline.now_ms == 1000  # then idle until the arrival
+    assert timeline.advance_to(math.inf) == [] and timeline.now_ms == 1000
+
+
+def test_advance_to_idles_an_empty_board_and_steps_in_whole_prefill_chunks() -> None:
+    timeline = Timeline({"f:q8_0": VariantLoad(profile(), 1)}, chunk_tokens=10)
+    assert timeline.advance_to(50) == [] and timeline.now_ms == 50
+    timeline.add(SeqLoad(1, "f:q8_0", tokens_left=2, prompt_left=25))
+    timeline.advance_to(55)  # the first chunk (10 ms) started at 50: it runs to its end
+    assert timeline.now_ms == pytest.approx(60)
+    assert timeline.advance_to(math.inf) == [1]
+    assert timeline.finish_ms[1] == pytest.approx(50 + 25 + 10)
+    assert timeline.start_ms[1] == 50
+
+
+def test_advancing_in_pieces_ends_where_running_through_does() -> None:
+    def fresh() -> Timeline:
+        board = Board({"f:q2_k": VariantLoad(profile(decode=5), 2), "f:q8_0": VariantLoad(profile(), 1)},
+                      chunk_tokens=16)
+        return board.timeline([
+            SeqLoad(1, "f:q8_0", tokens_left=40, prompt_left=30, deadline_ms=2000),
+            SeqLoad(2, "f:q8_0", tokens_left=20, prompt_left=10, deadline_ms=900, running=False),
+            SeqLoad(3, "f:q2_k", tokens_left=60, prompt_left=50),
+            SeqLoad(4, "f:q2_k", tokens_left=30, context=12, deadline_ms=1500),
+        ])
+
+    whole = fresh().run()
+    pieces = fresh()
+    for t in range(0, 2000, 37):
+        pieces.advance_to(t)
+    pieces.advance_to(math.inf)
+    assert pieces.finish_ms.keys() == whole.keys()
+    for key, finish in whole.items():
+        assert pieces.finish_ms[key] == pytest.approx(finish)
+
+
+def test_board_of_a_timeline_predicts_the_same_finishes_from_now() -> None:
+    board = Board({"f:q2_k": VariantLoad(profile(decode=5), 1), "f:q8_0": VariantLoad(profile(), 2)},
+                  chunk_tokens=16)
+    timeline = board.timeline([
+        SeqLoad(1, "f:q8_0", tokens_left=40, prompt_left=30, deadline_ms=2000),
+        SeqLoad(2, "f:q8_0", tokens_left=20, prompt_left=10, deadline_ms=900),
+        SeqLoad(3, "f:q8_0", tokens_left=5, prompt_left=10, deadline_ms=3000, running=False),
+        SeqLoad(4, "f:q2_k", tokens_left=30, context=12),
+        SeqLoad(5, "f:q2_k", tokens_left=30, prompt_left=8, running=False),
+    ])
+    timeline.advance_to(123)
+    now = timeline.now_ms
+    snapshot = timeline.board()
+    assert {s.key for s in snapshot.sequences} == {1, 2, 3, 4, 5} - set(timeline.finish_ms)
+    assert all(s.running == (s.key not in (3, 5)) for s in snapshot.sequences)
+    assert next(s for s in snapshot.sequences if s.key == 1).deadline_ms == pytest.approx(2000 - now)
+    predicted = snapshot.finishes()
+    actual = timeline.run()
+    for key, finish in predicted.items():
+        assert actual[key] == pytest.approx(now + finish)
+
+
+def test_a_cost_factor_scales_a_sequence_s_steps() -> None:
+    board = Board({"f:q8_0": VariantLoad(profile(factors={2: 1.0}), parallel=2)})
+    alone = board.finishes([SeqLoad(1, "f:q8_0", tokens_left=11, prompt_left=20, cost_factor=2.0)])
+    assert alone[1] == pytest.approx(2 * (20 + 100))
+    pair = board.finishes([SeqLoad(1, "f:q8_0", tokens_left=10, context=5, cost_factor=1.0),
+                           SeqLoad(2, "f:q8_0", tokens_left=10, context=5, cost_factor=3.0)])
+    assert pair == {1: pytest.approx(10 * 10 * 2.0), 2: pytest.approx(10 * 10 * 2.0)}  # the mean factor
+
+
+def test_cut_at_deadline_is_the_runtime_s_deadline_rule() -> None:
+    loads = [SeqLoad(1, "f:q8_0", tokens_left=10, context=1, deadline_ms=55),
+             SeqLoad(2, "f:q8_0", tokens_left=3, prompt_left=40, deadline_ms=30, running=False)]
+    predicted = Board({"f:q8_0": VariantLoad(profile(), 1)}).finishes(loads)
+    assert predicted == {1: pytest.approx(100), 2: pytest.approx(160)}  # admission: whole budgets
+    timeline = Timeline({"f:q8_0": VariantLoad(profile(), 1)}, cut_at_deadline=True)
+    for load in loads:
+        timeline.add(load)
+    assert timeline.advance_to(math.inf) == [1, 2]
+    # 5 steps end by 55; the sixth would end at 60, so it leaves at 50 with 5 tokens
+    assert timeline.finish_ms[1] == pytest.approx(50) and timeline.cut[1] == 5
+    # the waiting one joins at 50, past its deadline: it leaves before its first step
+    assert timeline.finish_ms[2] == pytest.approx(50) and timeline.cut[2] == 0
+
+
 def test_timeline_rejects_unknown_variant() -> None:
     with pytest.raises(KeyError):
         Timeline({}).add(SeqLoad(1, "nope", 1))

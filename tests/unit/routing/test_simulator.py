@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from edgeserve.cli import build_parser
+from edgeserve.routing.batching import Board, SeqLoad, VariantLoad, fit_budget
 from edgeserve.routing.costs import predict_ms
 from edgeserve.routing.policy import Decision, RoutingRequest, VariantCandidate, choose
 from edgeserve.routing.policy_file import PolicyFile
@@ -17,6 +18,7 @@ from edgeserve.routing.simulator import (
     crossover_deadline,
     deadline_grid,
     deadline_range,
+    parallel_of,
     simulate,
     sweep_trace,
 )
@@ -76,7 +78,13 @@ def test_crossover_is_none_when_the_slow_variant_never_wins(
     assert at is not None and 4000 < at <= 4020
 
 
-# ---- the simulated queue --------------------------------------------------------------------
+# ---- the simulated board --------------------------------------------------------------------
+
+
+def batched(candidate: VariantCandidate, factors: dict[int, float]) -> VariantCandidate:
+    """The candidate with measured batch step factors (a step of w sequences costs factors[w] steps)."""
+    profile = msgspec.structs.replace(candidate.profile, batch_step_factors=factors)
+    return msgspec.structs.replace(candidate, profile=profile)
 
 
 def test_queue_waits_are_told_to_the_policy(simple_policy: PolicyFile,
@@ -97,8 +105,8 @@ def test_queue_waits_are_told_to_the_policy(simple_policy: PolicyFile,
 
 def test_a_newcomer_may_not_make_a_queued_request_miss(simple_policy: PolicyFile,
                                                        fast_slow: list[VariantCandidate]) -> None:
-    """The slack rule of the server's scheduler (routing.queue): the urgent newcomer goes first
-    (EDF) but its budget is capped so the request queued behind it still meets its deadline."""
+    """Admission's promise (routing.batching.fit_budget, one place): the urgent newcomer goes
+    first (EDF) but its budget is capped so the request waiting behind it still meets its deadline."""
     trace = [Arrival(arrival_ms=0, prompt_tokens=50, max_tokens=100),  # runs 0..1000
              Arrival(arrival_ms=10, prompt_tokens=50, max_tokens=50, deadline_ms=2000),  # 500 ms, by 2010
              Arrival(arrival_ms=20, prompt_tokens=50, max_tokens=200, deadline_ms=1900)]  # by 1920
@@ -107,6 +115,62 @@ def test_a_newcomer_may_not_make_a_queued_request_miss(simple_policy: PolicyFile
     assert urgent.budget_tokens == 51  # 2010 - 20 - (980 + 500) = 510 ms of slack, not 920 ms
     assert urgent.start_ms == 1000 and queued.start_ms == urgent.finish_ms
     assert queued.met_deadline is True and urgent.met_deadline is True
+
+
+def test_four_simultaneous_requests_share_a_batch_with_parallel_4(
+        simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
+    """parallel 4 and measured batch factors: the four are all admitted with their whole budget
+    and decode together (a step of 4 costs 1.5 steps of one); with parallel 1 the CPU serves them
+    one after the other, so the second waits for the first and the last two cannot make it."""
+    fast = [batched(fast_slow[0], {2: 1.2, 4: 1.5})]
+    trace = [Arrival(arrival_ms=0, prompt_tokens=50, max_tokens=100, deadline_ms=2000)
+             for _ in range(4)]
+    together = simulate(trace, fast, simple_policy, parallel=4)
+    assert together.admitted == 4 and together.hit_rate == 1.0
+    assert [o.budget_tokens for o in together.outcomes] == [100] * 4
+    assert all(o.start_ms == 0 and o.queue_estimate_ms == 0 for o in together.outcomes)
+    finishes = [o.finish_ms or 0.0 for o in together.outcomes]
+    # one prefill step each (10 ms, riding with the others' decode steps), then steps of 15 ms
+    # at width 4: they finish within a few steps of each other, long before 4 x 1000 ms
+    assert max(finishes) - min(finishes) <= 3 * 15 + 1e-9
+    assert max(finishes) < 1700
+
+    one_by_one = simulate(trace, fast, simple_policy, parallel=1)
+    first, second, third, fourth = one_by_one.outcomes
+    assert (first.start_ms, first.finish_ms) == (0, 1000)
+    assert second.queue_estimate_ms == 1000 and (second.start_ms, second.finish_ms) == (1000, 2000)
+    assert third.variant is None and fourth.variant is None
+    assert one_by_one.refusals_by_code == {"deadline_infeasible": 2} and one_by_one.hit_rate == 1.0
+
+
+def test_the_simulator_and_fit_budget_agree_on_an_admission(
+        simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
+    """B arrives at 300 ms while A (100 tokens, due at 1100 ms) decodes; B joining slows A's
+    steps to 12 ms, so B's budget is capped to keep A on time. The board the server would
+    publish at 300 ms, given to fit_budget by hand, yields the same budget, start and finish."""
+    fast = batched(fast_slow[0], {2: 1.2})
+    trace = [Arrival(arrival_ms=0, prompt_tokens=50, max_tokens=100, deadline_ms=1100),
+             Arrival(arrival_ms=300, prompt_tokens=50, max_tokens=200, deadline_ms=5000)]
+    result = simulate(trace, [fast], simple_policy, parallel=2)
+    a, b = result.outcomes
+    # at 300 ms A has had its prefill step (10 ms, its first token) and 29 steps of 10 ms
+    board = Board({"fam:fast": VariantLoad(fast.profile, 2)},
+                  (SeqLoad(0, "fam:fast", tokens_left=70, context=80, deadline_ms=800),))
+    fit = fit_budget(board, "fam:fast", prompt_tokens=50, cap=200, minimum=16, available_ms=5000)
+    assert fit is not None and fit.blocked_by == "requests already running"
+    assert b.budget_tokens == fit.tokens < 200
+    assert b.start_ms == 300 + fit.start_ms
+    assert b.finish_ms == pytest.approx(300 + fit.finish_ms)
+    assert a.met_deadline is True and a.finish_ms is not None and a.finish_ms <= 1100
+    assert b.met_deadline is True
+
+
+def test_parallel_per_variant() -> None:
+    assert parallel_of(4, "fam:fast") == 4
+    assert parallel_of({"fam:fast": 2}, "fam:fast") == 2
+    assert parallel_of({"fam:fast": 2}, "fam:slow") == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        parallel_of(0, "fam:fast")
 
 
 def test_overload_is_refused_fast_and_admitted_requests_meet_deadlines(
@@ -233,6 +297,36 @@ def test_bad_inputs_fail_naming_the_file(tmp_path: Path, capsys: pytest.CaptureF
         argv += ["--trace", str(paths["trace.jsonl"])]
     assert run_simulate(parse(argv)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_run_simulate_with_parallel_places(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The study's profiles with batch factors (a step of 4 costs 1.3 steps of one, as on a board
+    bound by memory bandwidth): four 2-hour requests at once fit only when they share a batch."""
+    profiles = json.loads((POLICIES / "llama31-8b-rk3568.profile.json").read_text())
+    for p in profiles:
+        p["batch_step_factors"] = {"2": 1.1, "4": 1.3}
+    batched_profiles = tmp_path / "profiles.json"
+    batched_profiles.write_text(json.dumps(profiles))
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join('{"arrival_ms": 0, "prompt_tokens": 150, "max_tokens": 64, '
+                             '"deadline_ms": 7200000}\n' for _ in range(4)))
+    base = ["--policy", str(POLICIES / "llama31-8b-rk3568.toml"), "--profile", str(batched_profiles),
+            "--trace", str(trace), "--rows", "3"]
+    assert run_simulate(parse(base)) == 0
+    alone = capsys.readouterr().out
+    assert "parallel 1, prefill chunk 64" in alone
+    assert "requests 4  admitted 2  refused 2" in alone
+    assert run_simulate(parse([*base, "--parallel", "4", "--prefill-chunk", "32"])) == 0
+    together = capsys.readouterr().out
+    assert "parallel 4, prefill chunk 32" in together
+    assert "requests 4  admitted 4  refused 0" in together
+    assert "hit rate 100.0 %" in together
+
+
+def test_parallel_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse([*STUDY, "--parallel", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
 
 
 def test_module_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
