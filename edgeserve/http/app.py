@@ -7,6 +7,8 @@ app is built from one settings object by `edgeserve.server`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -92,12 +94,28 @@ async def _complete(
     if stream:
         return Stream(_frames(ctx, include_usage), media_type="text/event-stream",
                       headers={**ctx.headers(), "Cache-Control": "no-cache"})
+    answer = asyncio.ensure_future(run.text())
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        text = await run.text()
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not answer.done():  # the client left: the generation stops at its next step
+            answer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await answer
+            return Response(b"", status_code=499)  # nobody reads it (nginx's "client closed request")
+        text = answer.result()
         assert run.result is not None
         return Response(full_body(ctx, text, run.result), media_type="application/json", headers=ctx.headers())
     finally:
+        gone.cancel()
         run.close()
+
+
+async def _disconnected(request: Request[Any, Any, Any]) -> None:
+    """Returns when the client closes the connection (the body has been read already, so the
+    next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _frames(ctx: CompletionContext, include_usage: bool) -> AsyncIterator[bytes]:

@@ -136,7 +136,9 @@ class LocalVariant:
         decode_ms = sum(result.token_ms)
         if result.step_ms > 0:
             decode_ms = result.step_ms / width_factor(self.profile, round(result.mean_batch))
-        self.profile = observe(self.profile, result.prompt_evaluated, result.prompt_ms, steps, decode_ms)
+        # the prompt's own chunks, not the steps of other sequences and variants between them
+        prompt_ms = result.prefill_step_ms if result.prefill_step_ms > 0 else result.prompt_ms
+        self.profile = observe(self.profile, result.prompt_evaluated, prompt_ms, steps, decode_ms)
         if self._on_observed is not None:
             self._on_observed()
 

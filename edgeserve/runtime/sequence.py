@@ -80,6 +80,7 @@ class GenerationResult:
     cache_n: int = 0  # prompt tokens whose KV was reused
     mean_batch: float = 1.0  # mean batch width of the request's decode steps
     step_ms: float = 0.0  # llama.cpp time of the decode steps it took part in (no waits between them)
+    prefill_step_ms: float = 0.0  # llama.cpp time of its prompt chunks (no waits between them)
     queue_ms: float = 0.0  # waiting for a place in its variant's batch
 
 

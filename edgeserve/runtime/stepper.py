@@ -38,7 +38,7 @@ from typing import Protocol
 from edgeserve.errors import RefusedError, ShuttingDownError
 from edgeserve.logging import get_logger
 from edgeserve.routing.batching import Board, SeqLoad, VariantLoad
-from edgeserve.routing.costs import CostProfile, prefill_ms
+from edgeserve.routing.costs import CostProfile, prefill_ms, step_ms
 from edgeserve.runtime.decoder import BatchEntry
 from edgeserve.runtime.faults import InjectedFault
 from edgeserve.runtime.generation import Generation
@@ -80,6 +80,7 @@ class Work:
     place: Place | None = None
     joined: float | None = None
     step_s: float = 0.0  # llama.cpp time of the decode steps it took part in
+    prefill_s: float = 0.0  # llama.cpp time of its prompt chunks (their share of the steps)
 
     @property
     def urgency(self) -> float:
@@ -471,13 +472,19 @@ class Stepper:
                                             for work in members):
             stats.recent_decode_ms.setdefault(width, deque(maxlen=RECENT_STEPS)).append(elapsed_s * 1000)
         decoder = lane.decoder
+        decoding = [w for w in members if w.sequence is not None and not w.sequence.prefilling]
+        # a step that carried a prompt chunk: the chunk's share is charged to its sequence, the
+        # rest to the decoding ones (what the cost profile's two parts each describe)
+        chunk_s = self._chunk_share_s(lane, decoding, elapsed_s) if len(decoding) < width else 0.0
         for work in members:
             seq, place = work.sequence, work.place
             assert seq is not None and place is not None
+            if seq.prefilling:
+                work.prefill_s += chunk_s
+            else:
+                work.step_s += elapsed_s - chunk_s
             if place.seq_id not in sampled:
                 continue  # a prompt chunk that is not its last: nothing sampled yet
-            if not seq.prefilling:
-                work.step_s += elapsed_s
             token = sampled[place.seq_id]
             seq.on_token(token, decoder.token_piece(token), eog=decoder.is_eog(token), now=now, batch=width)
             if seq.forced:
@@ -489,6 +496,16 @@ class Stepper:
                             keep_kv=False)
             elif seq.finished:
                 self._leave(lane, work, None)
+
+    @staticmethod
+    def _chunk_share_s(lane: Lane, decoding: list[Work], elapsed_s: float) -> float:
+        """The part of a step's time that its prompt chunk took: the step less what its decoding
+        sequences' tokens cost by the variant's profile (the whole step when none decoded)."""
+        profile = lane.profile()
+        if not decoding or profile is None:
+            return elapsed_s
+        context = sum(w.sequence.n_past for w in decoding if w.sequence is not None) / len(decoding)
+        return max(elapsed_s - step_ms(profile, len(decoding), context) / 1000, 0.0)
 
     def _leave(self, lane: Lane, work: Work, error: BaseException | None, *, keep_kv: bool = True) -> None:
         """The sequence is done: its place is free (its KV kept for prefix reuse, unless it
@@ -508,6 +525,7 @@ class Stepper:
             work.generation._emit_text(piece)
         result = seq.result()
         result.step_ms = work.step_s * 1000
+        result.prefill_step_ms = work.prefill_s * 1000
         if work.joined is not None:
             result.queue_ms = (work.joined - work.submitted) * 1000
         work.generation._emit_end(result)
