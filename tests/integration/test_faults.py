@@ -1,16 +1,15 @@
-"""Faults in-process on the real models (issue 8, part 3): a runner that raises mid-generation
-gives back its slot and serves the next job; a missing, stale, copied or corrupt cost profile is
+"""Faults in-process on the real models (issue 8, part 3): a sequence that raises mid-generation
+gives back its place in the batch and the next job runs; a missing, stale, copied or corrupt cost profile is
 calibrated again; a GGUF llama.cpp cannot read is named with what is wrong with it."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from edgeserve.runtime.scheduler import Scheduler
 
 from edgeserve.config import VariantConfig
 from edgeserve.errors import GenerationFailedError, ModelPreparationError
@@ -19,24 +18,34 @@ from edgeserve.runtime.faults import FAULT_MARKER_ENV
 from edgeserve.runtime.prepare import PreparedVariant, sha256_of
 from edgeserve.runtime.runner import LlamaRunner
 from edgeserve.runtime.sequence import GenerationJob, SamplingParams
+from edgeserve.runtime.stepper import Stepper
 
 pytestmark = pytest.mark.integration
 
 FAMILY = "smollm2-135m"
 MARKER = "FAULT-9c1e"
-CONFIG = VariantConfig(name="v", n_ctx=256, n_threads=1)
+CONFIG = VariantConfig(name="v", n_ctx=256, n_threads=1)  # parallel = 1: one place, a second job waits
 TINY = CalibrationPlan(prefill_lengths=(16, 48), decode_contexts=(16, 48), decode_tokens=4, repeats=1)
 GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture
+def stepper() -> Iterator[Stepper]:
+    stepper = Stepper()
+    yield stepper
+    stepper.close()
 
 
 @pytest.fixture(scope="module")
 async def faulty(prepared: dict[str, PreparedVariant]) -> AsyncIterator[LlamaRunner]:
     """A runner created while EDGESERVE_FAULT_MARKER is set (it is read once, at creation)."""
+    stepper = Stepper()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(FAULT_MARKER_ENV, MARKER)
-        runner = LlamaRunner("test:faulty", prepared[f"{FAMILY}:q2_k"].path, CONFIG)
+        runner = LlamaRunner("test:faulty", prepared[f"{FAMILY}:q2_k"].path, CONFIG, stepper)
     await runner.load()
     yield runner
+    stepper.close()
     runner.close()
 
 
@@ -45,28 +54,29 @@ def job(runner: LlamaRunner, content: str, max_tokens: int = 8) -> GenerationJob
     return GenerationJob(runner.tokenize(prompt, chat=True), max_tokens, GREEDY)
 
 
-async def settled(scheduler: Scheduler) -> None:
+async def settled(stepper: Stepper) -> None:
     for _ in range(400):
-        if scheduler.running == 0 and scheduler.queue_depth == 0:
+        if stepper.running == 0 and stepper.queue_depth == 0:
             return
         await asyncio.sleep(0.005)
-    raise AssertionError(f"{scheduler.running} running, {scheduler.queue_depth} queued")
+    raise AssertionError(f"{stepper.running} running, {stepper.queue_depth} queued")
 
 
-async def test_a_runner_exception_fails_its_generation_frees_the_slot_and_the_next_job_runs(
+async def test_a_sequence_exception_fails_its_generation_frees_the_place_and_the_next_job_runs(
         faulty: LlamaRunner) -> None:
-    scheduler = Scheduler(slots=1)
-    generation, _ = await scheduler.start(faulty, job(faulty, f"Say hello. {MARKER}"))
-    waiting = asyncio.create_task(scheduler.start(faulty, job(faulty, "Say hello.")))  # queued behind it
+    generation = faulty.submit(job(faulty, f"Say hello. {MARKER}"))
+    await generation.joined
+    waiting = faulty.submit(job(faulty, "Say hello."))  # queued behind it: one place
+    assert faulty.stepper.queue_depth == 1
     pieces: list[str] = []
     with pytest.raises(GenerationFailedError, match="injected fault after the first token"):
         async for piece in generation:
             pieces.append(piece)
     assert generation.result is None
-    next_generation, _ = await asyncio.wait_for(waiting, timeout=30)  # the slot was handed on
-    assert (await next_generation.text()).strip()
-    assert next_generation.result is not None and next_generation.result.finish in ("stop", "length")
-    await settled(scheduler)
+    await asyncio.wait_for(waiting.joined, timeout=30)  # the place was handed on
+    assert (await waiting.text()).strip()
+    assert waiting.result is not None and waiting.result.finish in ("stop", "length")
+    await settled(faulty.stepper)
     assert not faulty.generating
 
 
@@ -77,14 +87,14 @@ async def test_without_the_marker_nothing_is_injected(faulty: LlamaRunner) -> No
 
 
 async def test_a_missing_stale_copied_or_corrupt_profile_is_calibrated_again(
-        prepared: dict[str, PreparedVariant], tmp_path: Path) -> None:
+        prepared: dict[str, PreparedVariant], tmp_path: Path, stepper: Stepper) -> None:
     model = tmp_path / "model.gguf"
     shutil.copyfile(prepared[f"{FAMILY}:q2_k"].path, model)
     cache = tmp_path / "cache"
 
     async def profiles_of_current_file() -> list[str]:
         said: list[str] = []
-        runner = LlamaRunner("test:v", model, CONFIG)
+        runner = LlamaRunner("test:v", model, CONFIG, stepper)
         try:
             await runner.load()
             profile = (await ensure_profiles([runner], cache, TINY, said.append))["test:v"]
@@ -120,14 +130,15 @@ async def test_a_missing_stale_copied_or_corrupt_profile_is_calibrated_again(
     (None, "truncated or corrupt"),
 ])
 async def test_a_gguf_llama_cpp_cannot_read_is_named_with_what_is_wrong(
-        content: bytes | None, expected: str, prepared: dict[str, PreparedVariant], tmp_path: Path) -> None:
+        content: bytes | None, expected: str, prepared: dict[str, PreparedVariant], tmp_path: Path,
+        stepper: Stepper) -> None:
     bad = tmp_path / "bad.gguf"
     if content is None:  # the first megabyte of a real file: header and metadata, no tensor data
         with prepared[f"{FAMILY}:q2_k"].path.open("rb") as source:
             bad.write_bytes(source.read(1 << 20))
     else:
         bad.write_bytes(content)
-    runner = LlamaRunner("test:bad", bad, CONFIG)
+    runner = LlamaRunner("test:bad", bad, CONFIG, stepper)
     try:
         with pytest.raises(ModelPreparationError) as raised:
             await runner.load()

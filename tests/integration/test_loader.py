@@ -1,6 +1,7 @@
 """edgeserve/runtime/loader.py and the runner's unload on the real SmolLM2 variants: a budget
-that holds one variant swaps them inside the CPU slot, never evicts one that is generating, and
-a variant that is not resident still tokenizes (its vocabulary stays loaded)."""
+that holds one variant swaps them before a request joins the stepping loop (as
+LocalVariant.start does), never evicts one that is generating, and a variant that is not
+resident still tokenizes (its vocabulary stays loaded)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from edgeserve.runtime.scheduler import Scheduler
 
 from edgeserve.config import ModelsFile
-from edgeserve.errors import GenerationFailedError
+from edgeserve.errors import NotReadyError
 from edgeserve.runtime.loader import ResidencyManager
 from edgeserve.runtime.memory import resident_bytes
 from edgeserve.runtime.prepare import PreparedVariant
@@ -53,34 +53,35 @@ async def test_an_unloaded_variant_still_tokenizes_and_loads_again(registry: Mod
     assert not runner.loaded and runner.usable
     assert runner.tokenize("<|im_start|>user\nHello<|im_end|>", chat=True) == loaded_tokens
     assert "Say hi." in runner.render_chat([{"role": "user", "content": "Say hi."}])
-    with pytest.raises(GenerationFailedError, match="not loaded"):
-        await runner.submit(job(registry, Q2)).text()
+    with pytest.raises(NotReadyError, match="not loaded"):  # at once: no lane to queue in
+        runner.submit(job(registry, Q2))
     await runner.load()
     generation = runner.submit(job(registry, Q2))
     await generation.text()
     assert generation.result is not None and generation.result.predicted_n == 4
 
 
-async def test_a_budget_for_one_swaps_variants_inside_the_slot(registry: ModelRegistry) -> None:
+async def test_a_budget_for_one_swaps_variants_before_each_request(registry: ModelRegistry) -> None:
     manager = ResidencyManager(registry.runners, one_variant_budget(registry))
     assert not manager.fits_all
     await manager.load_one_by_one(registry.runners, lambda _runner: _noop(), keep=[Q4])
     assert [v for v, r in registry.runners.items() if r.loaded] == [Q4]
     assert manager.residency.resident_ids == [Q4]
-    scheduler = Scheduler(slots=1)
     for variant_id in (Q2, Q8, Q2):
         estimate = manager.load_estimate_ms(variant_id)
         assert estimate is not None and estimate > 0  # measured at its start-up load
         runner = registry.runners[variant_id]
-        generation, _ = await scheduler.start(runner, job(registry, variant_id), estimate,
-                                              prepare=lambda r=runner: manager.ensure(r))  # type: ignore[misc]
+        await manager.ensure(runner)  # what LocalVariant.start does before it submits
+        generation = runner.submit(job(registry, variant_id))
+        await generation.joined
         await generation.text()
+        assert generation.result is not None and generation.result.predicted_n == 4
         assert [v for v, r in registry.runners.items() if r.loaded] == [variant_id]
         assert manager.load_estimate_ms(variant_id) == 0.0
 
 
 async def test_a_generating_variant_is_not_evicted(registry: ModelRegistry) -> None:
-    """With two slots, a swap that needs the memory of a running generation waits for its end."""
+    """A swap that needs the memory of a variant with a sequence in the loop waits for its end."""
     manager = ResidencyManager(registry.runners, one_variant_budget(registry))
     await manager.load_one_by_one([Q2], lambda _runner: _noop(), keep=[])
     running = registry.runners[Q2].submit(job(registry, Q2, max_tokens=200))

@@ -1,4 +1,5 @@
-"""edgeserve/runtime/runner.py, registry.py and scheduler.py on the real SmolLM2 variants."""
+"""edgeserve/runtime/runner.py, registry.py and the stepping loop (stepper.py) on the real SmolLM2
+variants. Concurrent requests in one batch, chunked prefill and prefix reuse: test_batching.py."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
 import pytest
-from edgeserve.runtime.scheduler import Scheduler
 
 from edgeserve.config import ModelsFile
-from edgeserve.errors import ContextLengthExceededError, ModelNotFoundError, NotReadyError
+from edgeserve.errors import ContextLengthExceededError, ModelNotFoundError, NotReadyError, RefusedError
 from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.registry import ModelRegistry
 from edgeserve.runtime.runner import LlamaRunner
 from edgeserve.runtime.sequence import GenerationJob, GenerationResult, SamplingParams
+from edgeserve.runtime.stepper import Stepper, StepStats
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +40,17 @@ async def registry(
 
 
 @pytest.fixture(scope="module")
-def scheduler() -> Scheduler:
-    return Scheduler(slots=1)
+async def one_place(models_file: ModelsFile, prepared: dict[str, PreparedVariant]) -> AsyncIterator[LlamaRunner]:
+    """q2_k alone in a loop of its own with one place (`parallel = 1`): requests wait their turn."""
+    configured = models_file.families[0].variant("q2_k")
+    assert configured is not None
+    config = msgspec.structs.replace(configured, parallel=1)
+    stepper = Stepper()
+    runner = LlamaRunner(f"{FAMILY}:q2_k", prepared[f"{FAMILY}:q2_k"].path, config, stepper)
+    await runner.load()
+    yield runner
+    stepper.close()
+    runner.close()
 
 
 def chat_job(runner: LlamaRunner, content: str, max_tokens: int,
@@ -53,12 +64,13 @@ class Outcome:
     text: str
     result: GenerationResult
     queue_ms: float
-    started: float  # perf_counter when the slot was granted
+    started: float  # perf_counter when it had taken its place in the variant's batch
     ended: float  # perf_counter when the last piece and the result had arrived
 
 
-async def run(scheduler: Scheduler, runner: LlamaRunner, job: GenerationJob) -> Outcome:
-    generation, queue_ms = await scheduler.start(runner, job)
+async def run(runner: LlamaRunner, job: GenerationJob) -> Outcome:
+    generation = runner.submit(job)
+    queue_ms = await generation.joined
     started = time.perf_counter()
     text = await generation.text()
     ended = time.perf_counter()
@@ -66,30 +78,29 @@ async def run(scheduler: Scheduler, runner: LlamaRunner, job: GenerationJob) -> 
     return Outcome(text, generation.result, queue_ms, started, ended)
 
 
-async def run_again(scheduler: Scheduler, runner: LlamaRunner, job: GenerationJob) -> Outcome:
+async def run_again(runner: LlamaRunner, job: GenerationJob) -> Outcome:
     """Run `job` twice and return the second outcome, to compare with later runs of `job`.
 
-    llama-cpp-python reuses the KV cache of a matching prompt prefix: a prompt that was the
-    previous one is not prefilled again, only its last token is decoded again, alone. With
-    the Q2_K file that single-token path gives logits up to ~0.6 apart from the batched
-    prefill (its q4_0 fallback tensors use different CPU kernels), so greedy text can differ
-    between a first and a repeated request. Every run after the first takes the same path.
+    A place of the loop keeps its KV after its sequence leaves, and a newcomer whose prompt
+    starts like it keeps that prefix: a prompt that was run before is not prefilled again, only
+    its last token is decoded again, alone. With the Q2_K file that single-token path gives
+    logits up to ~0.6 apart from the batched prefill (its q4_0 fallback tensors use different
+    CPU kernels), so greedy text can differ between a first and a repeated request. Every run
+    after the first takes the same path.
     """
-    await run(scheduler, runner, job)
-    return await run(scheduler, runner, job)
+    await run(runner, job)
+    return await run(runner, job)
 
 
-async def settled(scheduler: Scheduler) -> None:
-    """Wait until the runner threads have handed back every slot.
-
-    A generation's result reaches its reader just before the thread's done-callback releases
-    the slot, so `running` can still count a generation whose text is complete.
-    """
-    for _ in range(200):
-        if scheduler.running == 0:
+async def settled(runner: LlamaRunner) -> None:
+    """Wait until the loop has nothing of `runner`'s left, running or waiting (a sequence leaves
+    its place before its result is handed out; a waiting request whose client left is dropped
+    at the loop's next iteration)."""
+    for _ in range(400):
+        if not runner.stepper.busy(runner.variant_id):
             return
         await asyncio.sleep(0.005)
-    raise AssertionError(f"{scheduler.running} slot(s) still held")
+    raise AssertionError(f"{runner.variant_id} still has requests in the loop")
 
 
 # ---- loading and prompts -----------------------------------------------------------------------
@@ -136,11 +147,11 @@ def test_special_tokens_only_in_chat_prompts(registry: ModelRegistry) -> None:
 
 @pytest.mark.parametrize("variant_id", VARIANTS)
 async def test_each_variant_generates(
-    registry: ModelRegistry, scheduler: Scheduler, variant_id: str
+    registry: ModelRegistry, variant_id: str
 ) -> None:
     runner = registry.runner(variant_id)
     job = chat_job(runner, QUESTION, max_tokens=8)
-    outcome = await run(scheduler, runner, job)
+    outcome = await run(runner, job)
     result = outcome.result
     assert outcome.text.strip(), "some text came out"
     assert result.finish in ("length", "stop")
@@ -156,22 +167,22 @@ async def test_each_variant_generates(
 
 @pytest.mark.parametrize("variant_id", VARIANTS)
 async def test_greedy_is_repeatable(
-    registry: ModelRegistry, scheduler: Scheduler, variant_id: str
+    registry: ModelRegistry, variant_id: str
 ) -> None:
     runner = registry.runner(variant_id)
     job = chat_job(runner, STORY, max_tokens=12)
-    first = await run_again(scheduler, runner, job)
-    again = await run(scheduler, runner, job)
+    first = await run_again(runner, job)
+    again = await run(runner, job)
     assert again.text == first.text
     assert again.result.predicted_n == first.result.predicted_n
 
 
-async def test_same_seed_same_text(registry: ModelRegistry, scheduler: Scheduler) -> None:
+async def test_same_seed_same_text(registry: ModelRegistry) -> None:
     runner = registry.runner(f"{FAMILY}:q4_1")
 
     async def sample(seed: int) -> str:
         sampling = SamplingParams(temperature=0.8, seed=seed)
-        return (await run(scheduler, runner, chat_job(runner, STORY, 12, sampling))).text
+        return (await run(runner, chat_job(runner, STORY, 12, sampling))).text
 
     await sample(99)  # the prompt is now cached: every later run takes the same path
     first = await sample(1234)
@@ -183,16 +194,16 @@ async def test_same_seed_same_text(registry: ModelRegistry, scheduler: Scheduler
 
 
 async def test_stop_string_stops_and_never_appears(
-    registry: ModelRegistry, scheduler: Scheduler
+    registry: ModelRegistry
 ) -> None:
     runner = registry.runner(f"{FAMILY}:q2_k")
-    free = await run_again(scheduler, runner, chat_job(runner, STORY, 24))
+    free = await run_again(runner, chat_job(runner, STORY, 24))
     assert free.result.predicted_n > 8, f"need a longer reference text, got {free.text!r}"
     # a stop that starts mid-text and most likely spans token boundaries
     middle = len(free.text) // 2
     stop = free.text[middle : middle + 5]
     expected = free.text[: free.text.index(stop)]
-    stopped = await run(scheduler, runner, chat_job(runner, STORY, 24, stop=(stop,)))
+    stopped = await run(runner, chat_job(runner, STORY, 24, stop=(stop,)))
     assert stopped.result.finish == "stop", (free.text, stop, stopped.text)
     assert stopped.text == expected
     assert stop not in stopped.text
@@ -200,35 +211,36 @@ async def test_stop_string_stops_and_never_appears(
 
 
 async def test_stop_string_that_never_occurs_changes_nothing(
-    registry: ModelRegistry, scheduler: Scheduler
+    registry: ModelRegistry
 ) -> None:
     runner = registry.runner(f"{FAMILY}:q2_k")
-    free = await run_again(scheduler, runner, chat_job(runner, QUESTION, 8))
-    held = await run(scheduler, runner, chat_job(runner, QUESTION, 8, stop=("@@@never@@@",)))
+    free = await run_again(runner, chat_job(runner, QUESTION, 8))
+    held = await run(runner, chat_job(runner, QUESTION, 8, stop=("@@@never@@@",)))
     assert held.text == free.text
     assert held.result.finish == free.result.finish
 
 
 async def test_nothing_after_a_stop_even_half_a_character(
-    registry: ModelRegistry, scheduler: Scheduler
+    registry: ModelRegistry
 ) -> None:
     """SmolLM2's byte-level vocabulary has tokens such as b" \\xf0\\x9f" (a space and the
     first half of an emoji). A stop on " " ends the text there: the unfinished character
     after it must not come out as U+FFFD."""
     runner = registry.runner(f"{FAMILY}:q4_1")
     tokens = runner.tokenize(" ".join(["🐉"] * 10), chat=False)
-    free = await run_again(scheduler, runner, GenerationJob(tokens, 4, GREEDY))
+    free = await run_again(runner, GenerationJob(tokens, 4, GREEDY))
     assert free.text.startswith(" 🐉"), free.text
-    stopped = await run(scheduler, runner, GenerationJob(tokens, 4, GREEDY, stop=(" ",)))
+    stopped = await run(runner, GenerationJob(tokens, 4, GREEDY, stop=(" ",)))
     assert stopped.result.finish == "stop"
     assert stopped.text == ""
 
 
 async def test_cancel_ends_within_one_token_and_runner_recovers(
-    registry: ModelRegistry, scheduler: Scheduler
+    registry: ModelRegistry
 ) -> None:
     runner = registry.runner(f"{FAMILY}:q2_k")
-    generation, _ = await scheduler.start(runner, chat_job(runner, STORY, 200))
+    generation = runner.submit(chat_job(runner, STORY, 200))
+    await generation.joined
     received_at_cancel = 0
     pieces: list[str] = []
     async for piece in generation:
@@ -242,21 +254,23 @@ async def test_cancel_ends_within_one_token_and_runner_recovers(
     # at most the token being decoded when cancel() was called, plus one already queued
     assert result.predicted_n <= received_at_cancel + 2, (result.predicted_n, pieces)
     assert generation.cancelled
-    # the slot is released by the runner's thread once the job has really ended
-    await settled(scheduler)
-    after = await run(scheduler, runner, chat_job(runner, QUESTION, 8))
+    # its place in the batch is free again
+    await settled(runner)
+    assert runner.stepper.running_in(runner.variant_id) == 0
+    after = await run(runner, chat_job(runner, QUESTION, 8))
     assert after.result.finish in ("length", "stop")
     assert after.text.strip()
     assert after.queue_ms < 100
 
 
 async def test_cancel_before_start_generates_nothing(registry: ModelRegistry) -> None:
-    """A job cancelled while queued behind another on the same runner never decodes."""
+    """A job cancelled while it waits for a place (every place of the variant is taken) never
+    decodes."""
     runner = registry.runner(f"{FAMILY}:q2_k")
-    first = runner.submit(chat_job(runner, STORY, 4))
+    taking = [runner.submit(chat_job(runner, STORY, 4)) for _ in range(runner.parallel)]
     second = runner.submit(chat_job(runner, STORY, 50))
     second.cancel()
-    assert await first.text()
+    assert all(await asyncio.gather(*(g.text() for g in taking)))
     assert await second.text() == ""
     assert second.result is not None
     assert second.result.finish == "cancelled"
@@ -322,48 +336,143 @@ def test_not_ready_before_loading(
         cold.close()
 
 
-# ---- scheduler ---------------------------------------------------------------------------------
+# ---- the stepping loop ------------------------------------------------------------------------
 
 
-async def test_one_slot_serializes_generations_on_different_variants(
-    registry: ModelRegistry, scheduler: Scheduler
-) -> None:
+async def test_the_loop_runs_one_variants_batch_per_step(registry: ModelRegistry) -> None:
+    """Each variant has places of its own in the one loop: a request of q8_0 takes its place
+    while one of q2_k runs (no slot to wait for), every step decodes one variant's batch, and
+    both complete, each with its own text."""
     q2, q8 = registry.runner(f"{FAMILY}:q2_k"), registry.runner(f"{FAMILY}:q8_0")
-    q2_job = chat_job(q2, QUESTION, 8)
+    q2_job = GenerationJob(chat_job(q2, STORY, 1).prompt_tokens, 48, GREEDY, ignore_eos=True)
     q8_job = chat_job(q8, "Name three colors.", 8)
-    alone_q2 = await run_again(scheduler, q2, q2_job)
-    alone_q8 = await run_again(scheduler, q8, q8_job)
+    alone_q2 = await run_again(q2, q2_job)
+    alone_q8 = await run_again(q8, q8_job)
     assert alone_q2.text != alone_q8.text
-    await settled(scheduler)
+    await settled(q2)
+    await settled(q8)
+    stepper = registry.stepper
+    steps_before = {r.variant_id: _stats(stepper, r.variant_id).steps for r in (q2, q8)}
 
-    first = asyncio.create_task(run(scheduler, q2, q2_job))
-    second = asyncio.create_task(run(scheduler, q8, q8_job))
-    await asyncio.sleep(0)  # both tasks run until they block: one on the model, one on the slot
-    assert scheduler.running == 1
-    assert scheduler.queue_depth == 1
-    a, b = await asyncio.gather(first, second)
+    first = q2.submit(q2_job)
+    await first.joined
+    second = q8.submit(q8_job)
+    await second.joined  # within a step: q2_k's 48 tokens are far from done
+    assert stepper.running_in(q2.variant_id) == 1 and stepper.running_in(q8.variant_id) == 1
+    assert stepper.running == 2 and stepper.queue_depth == 0
+    a, b = await asyncio.gather(first.text(), second.text())
 
-    assert a.ended <= b.started or b.ended <= a.started, "the two generations overlapped"
-    waited = b if b.started >= a.ended else a
-    assert waited.queue_ms > 0
-    assert a.text == alone_q2.text
-    assert b.text == alone_q8.text
-    await settled(scheduler)
-    assert scheduler.queue_depth == 0
-
-
-async def test_two_slots_let_two_variants_run_together(registry: ModelRegistry) -> None:
-    two = Scheduler(slots=2)
-    q2, q8 = registry.runner(f"{FAMILY}:q2_k"), registry.runner(f"{FAMILY}:q8_0")
-    tasks = [asyncio.create_task(run(two, q2, chat_job(q2, QUESTION, 4))),
-             asyncio.create_task(run(two, q8, chat_job(q8, QUESTION, 4)))]
-    await asyncio.sleep(0)
-    assert two.running == 2
-    assert two.queue_depth == 0
-    outcomes = await asyncio.gather(*tasks)
-    assert all(o.text for o in outcomes)
+    assert a == alone_q2.text
+    assert b == alone_q8.text
+    assert first.result is not None and second.result is not None
+    # neither request ever shared a step with the other: each step was one variant's batch
+    assert first.result.mean_batch == 1.0 and second.result.mean_batch == 1.0
+    for runner, generation in ((q2, first), (q8, second)):
+        stepped = _stats(stepper, runner.variant_id).steps - steps_before[runner.variant_id]
+        assert generation.result is not None and stepped >= generation.result.predicted_n
+    await settled(q2)
+    await settled(q8)
+    assert stepper.running == 0 and stepper.queue_depth == 0
 
 
-def test_scheduler_needs_a_slot() -> None:
+def _stats(stepper: Stepper, variant_id: str) -> StepStats:
+    stats = stepper.stats(variant_id)
+    assert stats is not None
+    return stats
+
+
+def counting_job(runner: LlamaRunner, tokens: int, deadline_in_s: float | None = None) -> GenerationJob:
+    prompt = runner.tokenize(runner.render_chat([{"role": "user", "content": "Count to fifty."}]), chat=True)
+    deadline = None if deadline_in_s is None else time.perf_counter() + deadline_in_s
+    return GenerationJob(prompt, tokens, GREEDY, ignore_eos=True, deadline_at=deadline)
+
+
+async def test_waiting_requests_take_the_place_earliest_deadline_first(one_place: LlamaRunner) -> None:
+    runner = one_place
+    first = runner.submit(counting_job(runner, 24))
+    await first.joined
+    started: list[str] = []
+
+    async def queued(name: str, deadline_in_s: float | None) -> None:
+        generation = runner.submit(counting_job(runner, 2, deadline_in_s))
+        await generation.joined
+        started.append(name)
+        await generation.text()
+
+    # Arrival order: no deadline, loose, tight. Service order must be tight, loose, none.
+    tasks = [asyncio.create_task(queued("none", None))]
+    await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(queued("loose", 120)))
+    await asyncio.sleep(0.01)
+    tasks.append(asyncio.create_task(queued("tight", 60)))
+    await asyncio.sleep(0.01)
+    assert runner.stepper.queue_depth == 3
+    await first.text()
+    await asyncio.gather(*tasks)
+    assert started == ["tight", "loose", "none"]
+
+
+async def test_a_full_queue_refuses_at_once(one_place: LlamaRunner) -> None:
+    runner = one_place
+    runner.stepper.max_queue = 1
+    try:
+        running = runner.submit(counting_job(runner, 16))
+        await running.joined
+        waiting = runner.submit(counting_job(runner, 2))
+        with pytest.raises(RefusedError) as refused:
+            runner.submit(counting_job(runner, 2))
+        assert refused.value.code == "queue_full"
+        await running.text()
+        assert await waiting.joined > 0
+        await waiting.text()
+    finally:
+        runner.stepper.max_queue = 64
+
+
+async def test_a_request_that_leaves_the_queue_frees_its_place(one_place: LlamaRunner) -> None:
+    runner = one_place
+    running = runner.submit(counting_job(runner, 16))
+    await running.joined
+    leaving = runner.submit(counting_job(runner, 2))
+    assert runner.stepper.queue_depth == 1
+    leaving.cancel()
+    assert await leaving.text() == ""  # dropped at the loop's next iteration, never started
+    assert leaving.result is not None and leaving.result.finish == "cancelled"
+    assert runner.stepper.queue_depth == 0
+    await running.text()
+    generation = runner.submit(counting_job(runner, 2))
+    await generation.joined
+    await generation.text()
+    assert generation.result is not None and generation.result.predicted_n == 2
+
+
+async def test_a_waiting_request_whose_deadline_can_no_longer_be_met_is_refused_not_started(
+        one_place: LlamaRunner) -> None:
+    runner = one_place
+    running = runner.submit(counting_job(runner, 64))
+    await running.joined
+    doomed = runner.submit(counting_job(runner, 2, deadline_in_s=0.05), min_run_ms=20)
+    patient = runner.submit(counting_job(runner, 2, deadline_in_s=30), min_run_ms=20)
+    await running.text()  # 64 tokens take longer than the doomed request's 50 ms
+    with pytest.raises(RefusedError) as refused:
+        await doomed.joined
+    assert refused.value.code == "deadline_infeasible"
+    assert "after waiting for a place" in refused.value.message
+    await patient.joined  # the place went on to the next one
+    await patient.text()
+    assert runner.stepper.queue_depth == 0
+
+
+async def test_the_loop_stops_before_a_token_that_would_overrun_the_deadline(one_place: LlamaRunner) -> None:
+    runner = one_place
+    generation = runner.submit(counting_job(runner, 1000, deadline_in_s=0.3))
+    await generation.joined
+    await generation.text()
+    assert generation.result is not None
+    assert generation.result.finish == "deadline"
+    assert generation.result.predicted_n < 1000
+
+
+def test_the_loop_needs_a_chunk_of_at_least_one_token() -> None:
     with pytest.raises(ValueError, match="at least 1"):
-        Scheduler(slots=0)
+        Stepper(chunk_tokens=0)

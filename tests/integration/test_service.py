@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from edgeserve.runtime.scheduler import Scheduler
 
 from edgeserve.config import ModelsFile
 from edgeserve.errors import RefusedError
@@ -62,8 +61,7 @@ async def pipeline(models_file: ModelsFile, prepared: dict[str, PreparedVariant]
         for variant_id, per_token in ((f"{FAMILY}:q2_k", 3.0), (f"{FAMILY}:q4_1", 12.0),
                                       (f"{FAMILY}:q8_0", 16.0))
     }
-    scheduler = Scheduler(1)
-    yield Pipeline(Catalog.build(registry, scheduler, None, profiles), scheduler, {FAMILY: policy})
+    yield Pipeline(Catalog.build(registry, None, profiles), registry.stepper, {FAMILY: policy})
     registry.close()
 
 
