@@ -82,7 +82,7 @@ class Admitter:
             raise ContextLengthExceededError(len(prompt.tokens), variant.n_ctx, str(variant.id), request.param)
         job = GenerationJob(prompt.tokens, min(decision.max_tokens, variant.n_ctx - len(prompt.tokens)),
                             request.sampling, request.stop, deadline_at=request.deadline_at,
-                            forcing=_forcing(variant, request, policy))
+                            forcing=_forcing(variant, request, policy), join_width=decision.join_width)
         load_ms = next(c.load_ms for c in candidates if c.variant_id == decision.variant_id)
         return Admission(variant, prompt, job, decision, load_ms, _min_run_ms(variant, job, load_ms, policy))
 

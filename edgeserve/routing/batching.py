@@ -57,6 +57,7 @@ class SeqLoad:
     deadline_ms: float | None = None
     running: bool = True  # in its variant's batch; False: waiting for a free place
     cost_factor: float = 1.0  # its steps cost this many times what the profile says (simulated noise)
+    join_width: int | None = None  # waiting: joins only when its batch has fewer sequences than this
 
 
 EPSILON_MS = 1e-6  # float slack when a finish is compared with a deadline (sums split differently)
@@ -124,7 +125,7 @@ class Timeline:
         for name, queue in self.waiting.items():
             batch = self.running.setdefault(name, [])
             queue.sort(key=lambda s: (s.urgency, s.load.key))
-            while queue and len(batch) < self.variants[name].parallel:
+            while queue and len(batch) < min(self.variants[name].parallel, queue[0].load.join_width or math.inf):
                 seq = queue.pop(0)
                 batch.append(seq)
                 self.start_ms[seq.load.key] = self.now_ms
@@ -310,6 +311,7 @@ class Fit:
     start_ms: float
     finish_ms: float
     blocked_by: str | None = None
+    join_width: int | None = None  # join only when the batch has fewer sequences (None: at once)
 
 
 def fit_budget(board: Board, variant: str, prompt_tokens: int, cap: int, minimum: int,
@@ -317,18 +319,39 @@ def fit_budget(board: Board, variant: str, prompt_tokens: int, cap: int, minimum
     """The largest budget in [minimum, cap] such that the newcomer finishes within
     ``available_ms`` (inf: no deadline) and no admitted sequence that would meet its deadline
     without the newcomer misses it with it. None when not even ``minimum`` tokens fit.
-    Binary search: more tokens never make anyone finish sooner."""
+
+    Joining at once slows every sequence of the batch; when that would make one of them miss,
+    the newcomer may instead wait until the batch has fewer than ``w`` sequences (its
+    `Fit.join_width`, for w = parallel - 1 down to 1): the widest wait that gives the largest
+    budget wins (ties: the earliest finish)."""
     if cap < 1:
         return None
     minimum = max(1, min(minimum, cap))
     base = board.finishes()
     on_time = {s.key for s in board.sequences
                if s.deadline_ms is not None and base.get(s.key, math.inf) <= s.deadline_ms}
+    parallel = board.variants[variant].parallel
+    best: Fit | None = None
+    for width in [None, *range(parallel - 1, 0, -1)]:
+        fit = _fit_at(board, variant, prompt_tokens, cap, minimum, available_ms, on_time, width)
+        if fit is not None and (best is None or (fit.tokens, -fit.finish_ms) > (best.tokens, -best.finish_ms)):
+            best = fit
+        if best is not None and best.tokens == cap:
+            break
+    return best
+
+
+def _fit_at(board: Board, variant: str, prompt_tokens: int, cap: int, minimum: int, available_ms: float,
+            on_time: set[int], join_width: int | None) -> Fit | None:
+    """`fit_budget` for a newcomer that joins only when its batch has fewer than `join_width`
+    sequences (None: as soon as a place is free). Binary search: more tokens never make anyone
+    finish sooner."""
 
     def trial(tokens: int) -> tuple[bool, bool, float, float]:
         """(fits its own deadline, keeps the others', start, finish)"""
         newcomer = SeqLoad(NEWCOMER, variant, tokens, prompt_left=prompt_tokens, context=0,
-                           deadline_ms=None if math.isinf(available_ms) else available_ms, running=False)
+                           deadline_ms=None if math.isinf(available_ms) else available_ms, running=False,
+                           join_width=join_width)
         timeline = board.timeline([newcomer])
         finishes = timeline.run()
         own = finishes[NEWCOMER] <= available_ms
@@ -339,20 +362,19 @@ def fit_budget(board: Board, variant: str, prompt_tokens: int, cap: int, minimum
     own, others, start, finish = trial(minimum)
     if not (own and others):
         return None
-    low, high = minimum, cap + 1  # trial(low) fits; trial(high) does not (or is past the cap)
-    best = (start, finish, None)
     own_hi, others_hi, start_hi, finish_hi = trial(cap)
     if own_hi and others_hi:
-        return Fit(cap, start_hi, finish_hi)
+        return Fit(cap, start_hi, finish_hi, join_width=join_width)
+    low, high = minimum, cap  # trial(low) fits; trial(high) does not
+    best = (start, finish)
     blocked: str | None = None if not own_hi else "requests already running"
-    high = cap
     while high - low > 1:
         middle = (low + high) // 2
         own_m, others_m, start_m, finish_m = trial(middle)
         if own_m and others_m:
-            low, best = middle, (start_m, finish_m, None)
+            low, best = middle, (start_m, finish_m)
         else:
             high = middle
             if own_m:
                 blocked = "requests already running"
-    return Fit(low, best[0], best[1], blocked)
+    return Fit(low, best[0], best[1], blocked, join_width)

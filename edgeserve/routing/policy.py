@@ -83,6 +83,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     style: str
     deadline_ms: float | None
     queue_wait_ms: float
+    join_width: int | None = None  # batched: join only a batch narrower than this (None: at once)
 
 
 class Refusal(msgspec.Struct, frozen=True, kw_only=True):
@@ -104,6 +105,7 @@ class _Option(msgspec.Struct, frozen=True):
     predicted_ms: float
     limit: str | None  # what capped the budget, if not the deadline
     wait_ms: float = 0.0  # before it starts: the queue, or when it joins its batch
+    join_width: int | None = None
 
 
 def safety_margin_ms(deadline_ms: float, policy: PolicyFile) -> float:
@@ -238,6 +240,7 @@ def choose(
         style=style,
         deadline_ms=deadline,
         queue_wait_ms=best.wait_ms,
+        join_width=best.join_width,
     )
 
 
@@ -259,7 +262,7 @@ def _batched_option(c: VariantCandidate, board: Board, request: RoutingRequest, 
     elif fit.tokens == c.n_ctx - prompt:
         limit = "the context"
     predicted = c.load_ms + fit.finish_ms - fit.start_ms
-    return _Option(c, fit.tokens, accuracy, predicted, limit, fit.start_ms)
+    return _Option(c, fit.tokens, accuracy, predicted, limit, fit.start_ms, fit.join_width)
 
 
 def _board_wait(board: Board | None) -> float:

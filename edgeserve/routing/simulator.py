@@ -160,7 +160,7 @@ def simulate(
         admitted[i] = _Admitted(item, decision, lag + decision.queue_wait_ms, deadline_at)
         timeline.add(SeqLoad(i, decision.variant_id, decision.max_tokens,
                              prompt_left=item.prompt_tokens, context=0, deadline_ms=deadline_at,
-                             running=False, cost_factor=factor))
+                             running=False, cost_factor=factor, join_width=decision.join_width))
     settle(timeline.advance_to(math.inf))
     return _summarise([outcomes[i] for i in range(len(trace))])
 

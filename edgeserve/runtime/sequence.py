@@ -64,6 +64,9 @@ class GenerationJob:
     ignore_eos: bool = False  # calibration and benchmarks need a fixed number of tokens
     deadline_at: float | None = None  # time.perf_counter() by which the last token must be out
     forcing: AnswerForcing | None = None
+    # join the variant's batch only when it holds fewer sequences than this (None: any free
+    # place): admission's way to let a newcomer wait instead of slowing requests already running
+    join_width: int | None = None
 
 
 @dataclass

@@ -42,7 +42,7 @@ from edgeserve.routing.costs import CostProfile, prefill_ms, step_ms
 from edgeserve.runtime.decoder import BatchEntry
 from edgeserve.runtime.faults import InjectedFault
 from edgeserve.runtime.generation import Generation
-from edgeserve.runtime.sequence import TAIL_RESERVE_S, GenerationJob, SamplingParams, Sequence
+from edgeserve.runtime.sequence import TAIL_RESERVE_S, GenerationJob, GenerationResult, SamplingParams, Sequence
 
 log = get_logger("edgeserve.stepper")
 
@@ -274,7 +274,7 @@ class Stepper:
                     sequences.append(SeqLoad(
                         work.key, variant_id, tokens_left=work.job.max_tokens,
                         prompt_left=len(work.job.prompt_tokens), deadline_ms=_deadline_ms(work, now),
-                        running=False))
+                        running=False, join_width=work.job.join_width))
         variants = {v: VariantLoad(p, parallel.get(v, 1)) for v, p in profiles.items()}
         return Board(variants, tuple(sequences), self.chunk_tokens)
 
@@ -338,31 +338,45 @@ class Stepper:
                 self._leave(lane, work, None)
 
     def _sweep(self, lane: Lane, now: float) -> None:
-        """Drop waiting requests whose client left."""
-        for work in [w for w in lane.waiting if w.generation.cancelled]:
-            lane.waiting.remove(work)
-            work.generation._emit_joined(0.0)
-            sequence = Sequence(work.job, lane.decoder.n_ctx)
-            sequence.end("cancelled")
-            work.generation._emit_end(sequence.result())
+        """Drop waiting requests whose client left, and refuse those whose deadline can no
+        longer fit their shortest useful run (their client should not wait for a place only to
+        be refused when it frees)."""
+        for work in list(lane.waiting):
+            if work.generation.cancelled:
+                lane.waiting.remove(work)
+                work.generation._emit_joined((now - work.submitted) * 1000)
+                work.generation._emit_end(GenerationResult("cancelled", len(work.job.prompt_tokens), 0.0, 0, 0.0))
+            elif self._too_late(work, now):
+                lane.waiting.remove(work)
+                self._refuse_late(work, now)
+
+    @staticmethod
+    def _too_late(work: Work, now: float) -> bool:
+        return work.job.deadline_at is not None and now + work.min_run_s > work.job.deadline_at
+
+    @staticmethod
+    def _refuse_late(work: Work, now: float) -> None:
+        assert work.job.deadline_at is not None
+        left_ms = (work.job.deadline_at - now) * 1000
+        error = RefusedError(
+            f"Cannot answer within the deadline: after waiting for a place in a batch, the "
+            f"{max(left_ms, 0):.0f} ms left are less than the {work.min_run_s * 1000:.0f} ms the "
+            "shortest useful answer needs; retry with a longer deadline.",
+            code="deadline_infeasible", retry_after_s=1)
+        work.generation._emit_joined(error)
+        work.generation._emit_end(error)
 
     def _join(self, lane: Lane, now: float) -> None:
         """Give free places to waiting requests, earliest deadline first."""
         lane.waiting.sort(key=lambda w: (w.urgency, w.key))
         while lane.waiting:
             free = [p for p in lane.places if p.work is None]
-            if not free:
+            width = lane.waiting[0].job.join_width  # it joins only a batch narrower than this
+            if not free or (width is not None and len(lane.running) >= width):
                 return
             work = lane.waiting.pop(0)
-            if work.job.deadline_at is not None and now + work.min_run_s > work.job.deadline_at:
-                left_ms = (work.job.deadline_at - now) * 1000
-                error = RefusedError(
-                    f"Cannot answer within the deadline: after waiting for a place in a batch, the "
-                    f"{max(left_ms, 0):.0f} ms left are less than the {work.min_run_s * 1000:.0f} ms the "
-                    "shortest useful answer needs; retry with a longer deadline.",
-                    code="deadline_infeasible", retry_after_s=1)
-                work.generation._emit_joined(error)
-                work.generation._emit_end(error)
+            if self._too_late(work, now):
+                self._refuse_late(work, now)
                 continue
             self._place(lane, work, free, now)
 

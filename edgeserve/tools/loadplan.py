@@ -1,5 +1,5 @@
 """Load-test scenarios, their arrival plans, outcome classes and the summary (pure: no I/O
-beyond reading a scenarios file, no clock).
+beyond reading a scenarios or questions file, no clock).
 
 A scenario is a piecewise-constant arrival rate, in multiples of the server's *capacity* (1 / the
 time one request takes alone at its max_tokens, measured before the run), and a mix of deadline
@@ -10,12 +10,14 @@ requests at the same moments.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -81,6 +83,81 @@ def load_scenarios(path: Path) -> dict[str, Scenario]:
         return msgspec.toml.decode(path.read_bytes(), type=ScenariosFile).scenarios
     except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
+
+
+def read_questions(path: Path) -> list[str]:
+    """The `question` of every line of a JSONL file (GSM8K's format; loadtests/questions.jsonl)."""
+    questions = [str(json.loads(line)["question"]) for line in path.read_text().splitlines() if line.strip()]
+    if not questions:
+        raise ValueError(f"{path} has no questions (JSONL with a `question` field)")
+    return questions
+
+
+# ---- the service time, read from the server ----------------------------------------------------
+
+# A chat template's own tokens around one user message, and characters per token of English text:
+# enough for a prefill estimate, whose share of the service time is small next to the decode.
+TEMPLATE_TOKENS = 40
+CHARS_PER_TOKEN = 4.0
+_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)')
+_LABEL = re.compile(r'(?P<key>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<value>(?:[^"\\]|\\.)*)"')
+
+
+def gauge_by_variant(metrics: str, name: str) -> dict[str, float]:
+    """`name{variant="..."} value` samples of a Prometheus text exposition, by variant."""
+    found: dict[str, float] = {}
+    for line in metrics.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None or match["name"] != name:
+            continue
+        labels = {m["key"]: m["value"] for m in _LABEL.finditer(match["labels"])}
+        try:
+            value = float(match["value"])
+        except ValueError:
+            continue
+        if "variant" in labels and math.isfinite(value):
+            found[labels["variant"]] = value
+    return found
+
+
+def prompt_tokens_estimate(questions: list[str]) -> int:
+    """A rough prompt length of the mean question with its chat template."""
+    mean_chars = sum(len(q) for q in questions) / max(1, len(questions))
+    return TEMPLATE_TOKENS + math.ceil(mean_chars / CHARS_PER_TOKEN)
+
+
+def model_variants(models: Any, model: str) -> list[str]:
+    """The variants a request for `model` may run on, from a /v1/models answer: an edgeserve
+    family lists them (`variants`); anything else is taken to be one variant."""
+    cards = (models.get("data") if isinstance(models, dict) else None) or []
+    for card in cards:
+        if isinstance(card, dict) and card.get("id") == model and card.get("variants"):
+            return [str(v) for v in card["variants"]]
+    return [model]
+
+
+def first_model(models: Any) -> str | None:
+    """The first model a /v1/models answer lists (edgeserve lists its first family first)."""
+    cards = models.get("data") if isinstance(models, dict) else None
+    if cards and isinstance(cards[0], dict) and cards[0].get("id"):
+        return str(cards[0]["id"])
+    return None
+
+
+def service_ms_from_metrics(metrics: str, variants: list[str], prompt_tokens: int,
+                            max_tokens: int) -> tuple[float, str] | None:
+    """The time one request alone takes at max_tokens, from edgeserve's live cost gauges
+    (`edgeserve_prefill_ms_per_token` × prompt + `edgeserve_decode_ms_per_token` × max_tokens),
+    and the variant it was taken from: of a family's variants the slowest, the longest a request
+    without a deadline may take. None when the server exposes no gauge for any of them."""
+    decode = gauge_by_variant(metrics, "edgeserve_decode_ms_per_token")
+    prefill = gauge_by_variant(metrics, "edgeserve_prefill_ms_per_token")
+    times = {v: prefill.get(v, 0.0) * prompt_tokens + decode[v] * max_tokens
+             for v in variants if decode.get(v, 0.0) > 0}
+    if not times:
+        return None
+    slowest = max(times, key=lambda v: times[v])
+    return times[slowest], slowest
 
 
 # ---- the plan ----------------------------------------------------------------------------------
@@ -156,6 +233,9 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     finish: str | None = None  # edgeserve.finish
     completion_tokens: int | None = None
     timed_out: bool = False
+    predicted_ms: float | None = None  # edgeserve.predicted_ms: the whole budget, once it runs
+    actual_ms: float | None = None  # edgeserve.actual_ms: arrival to last token, server-side
+    queue_ms: float | None = None  # edgeserve.queue_ms: the wait for a place in a batch
 
 
 class Summary(msgspec.Struct, frozen=True):
@@ -176,6 +256,25 @@ class Summary(msgspec.Struct, frozen=True):
     variants: dict[str, int]
     finishes: dict[str, int]
     by_class: dict[str, dict[str, int]]
+    # |predicted − actual| / actual (mean) of the answers that ran their whole budget
+    # (finish `length`), actual = actual_ms − queue_ms: the cost model's error, edgeserve only
+    whole_budget_error: float | None = None
+    whole_budget_n: int = 0
+
+
+def prediction_errors(events: Iterable[Event]) -> list[float]:
+    """|predicted − actual| / actual of every answer that ran its whole budget (finish `length`),
+    actual being the server's actual_ms less its queue_ms (predicted_ms covers the generation
+    from the moment the request joins a batch, as `edgeserve bench-routing` measures it). An
+    answer that stopped early (end of sequence, deadline) ends before its prediction by design."""
+    errors = []
+    for e in events:
+        if e.finish != "length" or e.status != 200 or e.predicted_ms is None or e.actual_ms is None:
+            continue
+        actual = e.actual_ms - (e.queue_ms or 0.0)
+        if actual > 0:
+            errors.append(abs(e.predicted_ms - actual) / actual)
+    return errors
 
 
 def summarize(events: Iterable[Event], *, target: str, scenario: str, run_s: float,
@@ -188,6 +287,7 @@ def summarize(events: Iterable[Event], *, target: str, scenario: str, run_s: flo
     by_class: dict[str, Counter[str]] = {}
     for e in events:
         by_class.setdefault(e.deadline_class, Counter())[e.outcome] += 1
+    errors = prediction_errors(events)
     return Summary(
         target=target, scenario=scenario, run_s=run_s, service_ms=service_ms, sent=len(events),
         counts=dict(counts),
@@ -202,6 +302,8 @@ def summarize(events: Iterable[Event], *, target: str, scenario: str, run_s: flo
         variants=dict(Counter(e.variant for e in events if e.variant)),
         finishes=dict(Counter(e.finish for e in events if e.finish)),
         by_class={name: dict(c) for name, c in sorted(by_class.items())},
+        whole_budget_error=sum(errors) / len(errors) if errors else None,
+        whole_budget_n=len(errors),
     )
 
 

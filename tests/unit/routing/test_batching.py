@@ -103,9 +103,10 @@ def test_fit_budget_protects_admitted_deadlines() -> None:
     # every step to 12 ms, so the newcomer may only join for a while.
     board = Board({"f:q8_0": VariantLoad(profile(), parallel=4)},
                   (SeqLoad(1, "f:q8_0", tokens_left=100, context=10, deadline_ms=1100),))
-    fit = fit_budget(board, "f:q8_0", 10, cap=500, minimum=4, available_ms=10_000)
+    # (its own deadline is too close to wait until the running one leaves: that would give 30)
+    fit = fit_budget(board, "f:q8_0", 10, cap=500, minimum=4, available_ms=1300)
     assert fit is not None
-    assert fit.blocked_by == "requests already running"
+    assert fit.blocked_by == "requests already running" and fit.join_width is None
     finishes = board.finishes([SeqLoad(-1, "f:q8_0", fit.tokens, prompt_left=10, running=False)])
     assert finishes[1] <= 1100
     too_many = board.finishes([SeqLoad(-1, "f:q8_0", fit.tokens + 1, prompt_left=10, running=False)])
@@ -268,3 +269,27 @@ def test_choose_refuses_when_joining_would_make_others_miss(simple_policy, fast_
     assert refusal.code == "deadline_infeasible"
     assert "already admitted" in refusal.reason
     assert refusal.retry_after_s == 3
+
+
+def test_a_newcomer_waits_rather_than_slow_a_request_that_needs_every_step() -> None:
+    # seq 1 needs all of its 1000 ms: a wider batch would make it miss, so the newcomer (with
+    # a loose deadline) waits until it leaves instead of being refused
+    board = Board({"f:q8_0": VariantLoad(profile(), parallel=4)},
+                  (SeqLoad(1, "f:q8_0", tokens_left=100, context=10, deadline_ms=1000),))
+    fit = fit_budget(board, "f:q8_0", 10, cap=50, minimum=4, available_ms=10_000)
+    assert fit is not None and fit.tokens == 50
+    assert fit.join_width == 1
+    assert fit.start_ms == pytest.approx(1000)
+    finishes = board.finishes([SeqLoad(-1, "f:q8_0", 50, prompt_left=10, running=False, join_width=1)])
+    assert finishes[1] <= 1000
+
+
+def test_join_width_holds_a_waiting_sequence_until_the_batch_narrows() -> None:
+    board = Board({"f:q8_0": VariantLoad(profile(factors={2: 1.0, 3: 1.0}), parallel=3)})
+    timeline = board.timeline([
+        SeqLoad(1, "f:q8_0", tokens_left=10, context=5),
+        SeqLoad(2, "f:q8_0", tokens_left=20, context=5),
+        SeqLoad(3, "f:q8_0", tokens_left=5, context=5, running=False, join_width=2),
+    ])
+    timeline.run()
+    assert timeline.start_ms[3] == pytest.approx(100)  # when seq 1 left, not at once

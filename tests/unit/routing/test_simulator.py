@@ -146,17 +146,18 @@ def test_four_simultaneous_requests_share_a_batch_with_parallel_4(
 def test_the_simulator_and_fit_budget_agree_on_an_admission(
         simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
     """B arrives at 300 ms while A (100 tokens, due at 1100 ms) decodes; B joining slows A's
-    steps to 12 ms, so B's budget is capped to keep A on time. The board the server would
+    steps to 12 ms, so B's budget is capped to keep A on time (B's own deadline is too close to
+    wait for A to finish instead). The board the server would
     publish at 300 ms, given to fit_budget by hand, yields the same budget, start and finish."""
     fast = batched(fast_slow[0], {2: 1.2})
     trace = [Arrival(arrival_ms=0, prompt_tokens=50, max_tokens=100, deadline_ms=1100),
-             Arrival(arrival_ms=300, prompt_tokens=50, max_tokens=200, deadline_ms=5000)]
+             Arrival(arrival_ms=300, prompt_tokens=50, max_tokens=200, deadline_ms=1000)]
     result = simulate(trace, [fast], simple_policy, parallel=2)
     a, b = result.outcomes
     # at 300 ms A has had its prefill step (10 ms, its first token) and 29 steps of 10 ms
     board = Board({"fam:fast": VariantLoad(fast.profile, 2)},
                   (SeqLoad(0, "fam:fast", tokens_left=70, context=80, deadline_ms=800),))
-    fit = fit_budget(board, "fam:fast", prompt_tokens=50, cap=200, minimum=16, available_ms=5000)
+    fit = fit_budget(board, "fam:fast", prompt_tokens=50, cap=200, minimum=16, available_ms=1000)
     assert fit is not None and fit.blocked_by == "requests already running"
     assert b.budget_tokens == fit.tokens < 200
     assert b.start_ms == 300 + fit.start_ms

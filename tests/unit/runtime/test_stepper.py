@@ -288,3 +288,16 @@ async def test_detach_refuses_a_busy_lane_and_frees_an_idle_one(stepper: Stepper
     assert stepper.detach("f:a") is decoder
     with pytest.raises(RuntimeError, match="not loaded"):
         submit(stepper, "f:a", job([1], 5))
+
+
+async def test_join_width_holds_a_request_until_the_batch_narrows(stepper: Stepper) -> None:
+    decoder = FakeDecoder(step_s=0.002)
+    stepper.attach("f:a", decoder, parallel=4)
+    running = submit(stepper, "f:a", job([1, 2], 30))
+    await running.joined
+    patient = GenerationJob([3, 4], 5, SamplingParams(temperature=0.0), ignore_eos=True, join_width=1)
+    held = submit(stepper, "f:a", patient)
+    await held.text()
+    await running.text()
+    assert held.result is not None and held.result.mean_batch == 1.0  # it never shared a step
+    assert max(decoder.widths()) == 1
