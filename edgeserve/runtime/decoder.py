@@ -11,10 +11,10 @@ caller's job: runtime.sequence caps its max tokens by it). Two layouts, as llama
 `--kv-unified`:
 - split (default): one stream of `n_ctx` cells per sequence id (`n_ctx × n_seq_max` cells).
   Each token attends only to its own sequence's cells, so a wide batch with long contexts
-  stays cheap. llama.cpp copies KV
-  between streams only whole (a partial `llama_memory_seq_cp` across streams is a GGML_ASSERT
-  that aborts the process), so `copy_prefix` copies the source's stream and cuts the copy back
-  to the prefix: a memory copy of one stream, far cheaper than recomputing the prefix.
+  stays cheap. llama.cpp copies KV between streams only whole (a partial `llama_memory_seq_cp`
+  across streams is a GGML_ASSERT that aborts the process), so `copy_prefix` copies the
+  source's stream and cuts the copy back to the prefix: a memory copy of one stream, far
+  cheaper than recomputing the prefix.
 - unified: one pool of `n_ctx × parallel` cells shared by every sequence (llama-server's
   `--kv-unified-per-slot`; llama.cpp then warns when the pool exceeds the training context).
   `copy_prefix` only tags cells with a second sequence id (no copy, no extra memory), but every
