@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -93,71 +92,12 @@ def read_questions(path: Path) -> list[str]:
     return questions
 
 
-# ---- the service time, read from the server ----------------------------------------------------
-
-# A chat template's own tokens around one user message, and characters per token of English text:
-# enough for a prefill estimate, whose share of the service time is small next to the decode.
-TEMPLATE_TOKENS = 40
-CHARS_PER_TOKEN = 4.0
-_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)')
-_LABEL = re.compile(r'(?P<key>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<value>(?:[^"\\]|\\.)*)"')
-
-
-def gauge_by_variant(metrics: str, name: str) -> dict[str, float]:
-    """`name{variant="..."} value` samples of a Prometheus text exposition, by variant."""
-    found: dict[str, float] = {}
-    for line in metrics.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None or match["name"] != name:
-            continue
-        labels = {m["key"]: m["value"] for m in _LABEL.finditer(match["labels"])}
-        try:
-            value = float(match["value"])
-        except ValueError:
-            continue
-        if "variant" in labels and math.isfinite(value):
-            found[labels["variant"]] = value
-    return found
-
-
-def prompt_tokens_estimate(questions: list[str]) -> int:
-    """A rough prompt length of the mean question with its chat template."""
-    mean_chars = sum(len(q) for q in questions) / max(1, len(questions))
-    return TEMPLATE_TOKENS + math.ceil(mean_chars / CHARS_PER_TOKEN)
-
-
-def model_variants(models: Any, model: str) -> list[str]:
-    """The variants a request for `model` may run on, from a /v1/models answer: an edgeserve
-    family lists them (`variants`); anything else is taken to be one variant."""
-    cards = (models.get("data") if isinstance(models, dict) else None) or []
-    for card in cards:
-        if isinstance(card, dict) and card.get("id") == model and card.get("variants"):
-            return [str(v) for v in card["variants"]]
-    return [model]
-
-
 def first_model(models: Any) -> str | None:
     """The first model a /v1/models answer lists (edgeserve lists its first family first)."""
     cards = models.get("data") if isinstance(models, dict) else None
     if cards and isinstance(cards[0], dict) and cards[0].get("id"):
         return str(cards[0]["id"])
     return None
-
-
-def service_ms_from_metrics(metrics: str, variants: list[str], prompt_tokens: int,
-                            max_tokens: int) -> tuple[float, str] | None:
-    """The time one request alone takes at max_tokens, from edgeserve's live cost gauges
-    (`edgeserve_prefill_ms_per_token` × prompt + `edgeserve_decode_ms_per_token` × max_tokens),
-    and the variant it was taken from: of a family's variants the slowest, the longest a request
-    without a deadline may take. None when the server exposes no gauge for any of them."""
-    decode = gauge_by_variant(metrics, "edgeserve_decode_ms_per_token")
-    prefill = gauge_by_variant(metrics, "edgeserve_prefill_ms_per_token")
-    times = {v: prefill.get(v, 0.0) * prompt_tokens + decode[v] * max_tokens
-             for v in variants if decode.get(v, 0.0) > 0}
-    if not times:
-        return None
-    slowest = max(times, key=lambda v: times[v])
-    return times[slowest], slowest
 
 
 # ---- the plan ----------------------------------------------------------------------------------

@@ -1,11 +1,16 @@
-"""`edgeserve loadtest`: Locust scenarios against edgeserve and, side by side, llama_cpp.server.
+"""`edgeserve loadtest`: Locust scenarios against edgeserve and, side by side, its baselines:
+`python -m llama_cpp.server` and (with --llama-server PATH) llama.cpp's own `llama-server` with
+the variant's `parallel` slots and continuous batching, on the same model file and threads.
 
-Starts its own servers on free loopback ports (or uses --url, a loopback edgeserve already
-running), measures the service time S of one request alone at --max-tokens on the baseline's
-variant (capacity = 1 / S), then runs each scenario headless against each target in turn — the
-same seeded arrivals, deadlines and questions — with Locust in a subprocess (gevent must not
-patch this process). Every run is bounded: the arrival window is --run-time, a client waits at
-most its deadline + --grace-s, and Locust is killed if it overstays. Writes, under --out:
+Runs one server process at a time: for every scenario, each target in turn is started on a free
+loopback port (edgeserve: or --url, a loopback edgeserve already running), warmed up, loaded
+headless with Locust in a subprocess (gevent must not patch this process) and stopped. The
+service time S of one request alone at --max-tokens (capacity = 1 / S) is measured on the first
+target started — llama_cpp.server on --variant, else llama-server, else edgeserve pinned to it —
+and every target gets the same seeded arrivals, deadlines and questions. Neither baseline knows
+deadlines: a response meets its deadline when the client has it complete within it, for every
+target alike. Every run is bounded: the arrival window is --run-time, a client waits at most its
+deadline + --grace-s, and Locust is killed if it overstays. Writes, under --out:
 
   <scenario>/<target>/locust_stats.csv, locust_failures.csv, report.html  Locust's CSV and HTML
   <scenario>/<target>/events.jsonl                               one line per request
@@ -25,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -35,7 +40,15 @@ import msgspec
 
 from edgeserve.config import default_cache_dir, default_models_path
 from edgeserve.errors import EdgeserveError
-from edgeserve.tools.loadplan import Scenario, Summary, load_scenarios, read_events, summarize, users_needed
+from edgeserve.tools.loadplan import (
+    Scenario,
+    Summary,
+    load_scenarios,
+    read_events,
+    read_questions,
+    summarize,
+    users_needed,
+)
 from edgeserve.tools.processes import free_port, server_process, tail
 
 COMMAND = "loadtest"
@@ -43,9 +56,11 @@ LOADTESTS = Path(__file__).resolve().parents[2] / "loadtests"
 READY_TIMEOUT_S = 900.0  # a first start calibrates every variant
 PROBE_REQUESTS = 3
 DRAIN_TIMEOUT_S = 600.0
-TARGET_GOODPUT_RATIO = 2.0
+TARGET_GOODPUT_RATIO = 2.0  # overload goodput, edgeserve / each baseline (issue 13: llama-server; issue 5)
 TARGET_HIT_RATE = 0.99
-EDGESERVE, BASELINE = "edgeserve", "llama_cpp.server"
+TARGET_PREDICTION_ERROR = 0.10  # mean, answers that ran their whole budget
+EDGESERVE, BASELINE, LLAMA_SERVER = "edgeserve", "llama_cpp.server", "llama-server"
+BASELINES = (LLAMA_SERVER, BASELINE)  # in the order the report compares them
 # Sent explicitly (as the locustfile does): llama_cpp.server's default is 1.1, edgeserve's 1.0,
 # and with greedy sampling the same prompt must give the same tokens on both.
 REPEAT_PENALTY = 1.0
@@ -57,9 +72,21 @@ def progress(message: str) -> None:
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # EDGESERVE or BASELINE
+    name: str  # EDGESERVE, BASELINE or LLAMA_SERVER
     base: str  # http://127.0.0.1:PORT
     model: str  # the `model` field of the requests
+
+
+@dataclass(frozen=True)
+class Server:
+    """How to start one target (no command: edgeserve at --url, already running)."""
+
+    name: str
+    model: str
+    command: Callable[[int], list[str]] | None = None  # the command line, given the port
+    ready_path: str = "/ready"
+    env: dict[str, str] | None = None
+    url: str | None = None
 
 
 def parse_duration(text: str) -> float:
@@ -123,14 +150,6 @@ def drain(target: Target) -> None:
         chat(client, target.model, "Say OK.", 1)
 
 
-def read_questions(path: Path) -> list[str]:
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    questions = [str(msgspec.json.decode(line)["question"]) for line in lines]
-    if not questions:
-        raise EdgeserveError(f"{path} has no questions (JSONL with a `question` field)")
-    return questions
-
-
 # ---- one Locust run ----------------------------------------------------------------------------
 
 
@@ -187,7 +206,7 @@ def _ms(value: float | None) -> str:
 
 
 def render(summaries: list[Summary], args: argparse.Namespace, services: dict[str, float],
-           service_ms: float) -> str:
+           service_ms: float, setup: list[str] | None = None) -> str:
     lines = [
         f"Measured {dt.datetime.now().astimezone().isoformat(timespec='minutes')} on {platform.node() or 'this host'} "
         f"({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}); "
@@ -197,6 +216,7 @@ def render(summaries: list[Summary], args: argparse.Namespace, services: dict[st
         "Service time S (one request alone, median of "
         f"{PROBE_REQUESTS}): " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in services.items())
         + f"; capacity = 1 / {service_ms:.0f} ms = {1000 / service_ms:.2f} requests/s.",
+        *(setup or []),
         "",
         "| scenario | target | offered req/s | goodput req/s | met | missed | refused | errors "
         "| hit rate (admitted) | p50 ms | p99 ms | timeouts | variants |",
@@ -222,25 +242,40 @@ def render(summaries: list[Summary], args: argparse.Namespace, services: dict[st
     return "\n".join(lines) + "\n"
 
 
+def _verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
 def verdicts(summaries: list[Summary]) -> list[str]:
-    """The issue's targets, for every scenario where both targets ran."""
+    """The issues' targets, per scenario: edgeserve's hit rate of admitted requests, its goodput
+    over each baseline's (judged under overload), its prediction error on answers that ran their
+    whole budget."""
     out = []
     for scenario in dict.fromkeys(s.scenario for s in summaries):
-        es = next((s for s in summaries if s.scenario == scenario and s.target == EDGESERVE), None)
-        base = next((s for s in summaries if s.scenario == scenario and s.target == BASELINE), None)
-        if es is not None and es.hit_rate is not None:
-            ok = "met" if es.hit_rate >= TARGET_HIT_RATE else "NOT met"
+        ran = {s.target: s for s in summaries if s.scenario == scenario}
+        es = ran.get(EDGESERVE)
+        if es is None:
+            continue
+        if es.hit_rate is not None:
             out.append(f"- {scenario}: edgeserve's admitted requests met their deadline {es.hit_rate:.1%} of the "
-                       f"time (target ≥ {TARGET_HIT_RATE:.0%}: {ok}).")
-        if es is not None and base is not None:
+                       f"time (target ≥ {TARGET_HIT_RATE:.0%}: {_verdict(es.hit_rate >= TARGET_HIT_RATE)}).")
+        for name in BASELINES:
+            base = ran.get(name)
+            if base is None:
+                continue
             if base.goodput_rps > 0:
                 ratio = es.goodput_rps / base.goodput_rps
-                ok = "met" if ratio >= TARGET_GOODPUT_RATIO else "NOT met"
-                target = f" (target ≥ {TARGET_GOODPUT_RATIO:g}×: {ok})" if scenario == "overload" else ""
-                out.append(f"- {scenario}: goodput edgeserve / baseline = {ratio:.2f}×{target}.")
+                target = (f" (target ≥ {TARGET_GOODPUT_RATIO:g}×: {_verdict(ratio >= TARGET_GOODPUT_RATIO)})"
+                          if scenario == "overload" else "")
+                out.append(f"- {scenario}: goodput edgeserve / {name} = {es.goodput_rps:.2f} / "
+                           f"{base.goodput_rps:.2f} = {ratio:.2f}×{target}.")
             else:
-                out.append(f"- {scenario}: the baseline met no deadline; edgeserve's goodput "
-                           f"{es.goodput_rps:.2f}/s.")
+                out.append(f"- {scenario}: {name} met no deadline; edgeserve's goodput {es.goodput_rps:.2f}/s.")
+        if es.whole_budget_error is not None:
+            ok = _verdict(es.whole_budget_error <= TARGET_PREDICTION_ERROR)
+            out.append(f"- {scenario}: edgeserve's latency prediction error on answers that ran their whole budget "
+                       f"{es.whole_budget_error:.1%} (n = {es.whole_budget_n}; target ≤ "
+                       f"{TARGET_PREDICTION_ERROR:.0%}: {ok}).")
     return out
 
 
@@ -254,46 +289,79 @@ def _load_average() -> str:
 # ---- servers -----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def targets(args: argparse.Namespace) -> Iterator[list[Target]]:
-    """edgeserve (started here unless --url) and, with --baseline, llama_cpp.server serving the
-    same variant with the same n_ctx, threads and batch; both stopped on exit."""
-    from edgeserve.tools.bench import edgeserve_command, llama_server_command, select_targets
+def servers(args: argparse.Namespace) -> list[Server]:
+    """The targets in the order they run in every scenario: the baselines first
+    (the first one's probe defines S), edgeserve last. The baselines serve --variant's GGUF with
+    its n_ctx, threads and batch; llama-server gets the variant's `parallel` slots of n_ctx each
+    (-c n_ctx × parallel) and continuous batching, as `edgeserve bench --concurrency` starts it."""
+    from edgeserve.tools.bench import edgeserve_command, llama_server_command, native_llama_server_command
 
-    with contextlib.ExitStack() as stack:
-        found: list[Target] = []
-        if args.url:
-            check_loopback(args.url)
-            es_base = args.url.rstrip("/")
-        else:
-            port = free_port()
-            es_base = f"http://127.0.0.1:{port}"
-            progress(f"starting edgeserve on {es_base} (the first start in a cache dir calibrates)")
-            stack.enter_context(server_process(
-                EDGESERVE, edgeserve_command(args.models, args.cache_dir, port, args.policy), f"{es_base}/ready",
-                args.out / "edgeserve.log", env={"EDGESERVE_LOG_FORMAT": "json"}, timeout_s=READY_TIMEOUT_S))
-        found.append(Target(EDGESERVE, es_base, args.model))
+    found: list[Server] = []
+    if args.baseline or args.llama_server is not None:
+        t = args.target  # the resolved --variant: family, variant config and GGUF path
         if args.baseline:
-            (variant,) = select_targets(args.variant, argparse.Namespace(
-                models=args.models, cache_dir=args.cache_dir, threads=None))
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
-            progress(f"starting llama_cpp.server with {variant.variant_id} on {base}")
-            stack.enter_context(server_process(
-                BASELINE, llama_server_command(variant.path, variant.variant, port), f"{base}/v1/models",
-                args.out / "llama_server.log", timeout_s=READY_TIMEOUT_S))
-            found.append(Target(BASELINE, base, variant.variant_id))
-        yield found
+            found.append(Server(BASELINE, t.variant_id,
+                                lambda port: llama_server_command(t.path, t.variant, port), "/v1/models"))
+        if args.llama_server is not None:
+            binary = args.llama_server
+            found.append(Server(LLAMA_SERVER, t.variant_id, lambda port: native_llama_server_command(
+                binary, t.path, t.variant, t.variant.parallel, port), "/health"))
+    if args.url:
+        found.append(Server(EDGESERVE, args.model, url=args.url.rstrip("/")))
+    else:
+        found.append(Server(EDGESERVE, args.model,
+                            lambda port: edgeserve_command(args.models, args.cache_dir, port, args.policy),
+                            "/ready", {"EDGESERVE_LOG_FORMAT": "json"}))
+    return found
 
 
-def service_times(found: list[Target], args: argparse.Namespace, questions: list[str]) -> dict[str, float]:
-    """S of the baseline and of edgeserve pinned to the same variant (routing aside)."""
-    services: dict[str, float] = {}
-    for target in found:
-        pinned = target if target.name == BASELINE else Target(target.name, target.base, args.variant)
-        ms, tokens = probe_service_ms(pinned, questions, args.max_tokens)
-        services[f"{target.name} ({pinned.model}, {tokens:.0f} tokens)"] = ms
-    return services
+@contextlib.contextmanager
+def started(server: Server, log_path: Path) -> Iterator[Target]:
+    """The server running on a free loopback port (or the one at --url), stopped on exit."""
+    if server.url is not None:
+        yield Target(server.name, server.url, server.model)
+        return
+    assert server.command is not None
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    progress(f"starting {server.name} on {base}")
+    with server_process(server.name, server.command(port), base + server.ready_path, log_path, env=server.env,
+                        timeout_s=READY_TIMEOUT_S):
+        yield Target(server.name, base, server.model)
+
+
+def setup_lines(args: argparse.Namespace, found: list[Server]) -> list[str]:
+    """What ran, for the report."""
+    lines = []
+    names = [s.name for s in found]
+    lines.append("Targets, one server process at a time, in this order in every scenario: " + ", ".join(names) + ".")
+    es = next(s for s in found if s.name == EDGESERVE)
+    lines.append(f"edgeserve: {'--url ' + es.url if es.url else f'models {args.models}'}, requests for `{args.model}`"
+                 " (deadline in X-Deadline-Ms).")
+    if BASELINE in names or LLAMA_SERVER in names:
+        t = args.target
+        lines.append(f"Baselines on {t.variant_id} ({t.path.name}): n_ctx {t.variant.n_ctx}, "
+                     f"{t.variant.threads} threads, batch {t.variant.n_batch}; no deadlines (a response counts "
+                     "as met when the client has it complete within its deadline).")
+    if LLAMA_SERVER in names:
+        from edgeserve.tools.bench import llama_server_version
+
+        t = args.target
+        lines.append(f"llama-server: `{args.llama_server}` ({llama_server_version(args.llama_server)}), --parallel "
+                     f"{t.variant.parallel} -c {t.variant.n_ctx * t.variant.parallel} --cont-batching.")
+    return lines
+
+
+def service_time(target: Target, args: argparse.Namespace, questions: list[str]) -> tuple[str, float]:
+    """S of a baseline, or of edgeserve pinned to the baseline's variant (routing aside)."""
+    pinned = target if target.name != EDGESERVE else Target(target.name, target.base, args.variant)
+    ms, tokens = probe_service_ms(pinned, questions, args.max_tokens)
+    return f"{target.name} ({pinned.model}, {tokens:.0f} tokens)", ms
+
+
+def warm_up(target: Target) -> None:
+    with httpx.Client(base_url=target.base, timeout=DRAIN_TIMEOUT_S) as client:
+        chat(client, target.model, "Say OK.", 4)
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -303,17 +371,21 @@ def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `edgeserve loadtest` (the subcommand is in edgeserve.cli's table)."""
     p.add_argument("--scenario", default="steady",
                    help="comma-separated scenarios of --scenarios (steady, overload, burst)")
-    p.add_argument("--questions", type=Path, default=os.environ.get("EDGESERVE_LOADTEST_QUESTIONS"),
-                   help="JSONL with a `question` per line, e.g. GSM8K's test.jsonl "
-                        "(env EDGESERVE_LOADTEST_QUESTIONS)")
+    p.add_argument("--questions", type=Path,
+                   default=Path(os.environ.get("EDGESERVE_LOADTEST_QUESTIONS") or LOADTESTS / "questions.jsonl"),
+                   help="JSONL with a `question` per line, e.g. GSM8K's test.jsonl (env "
+                        "EDGESERVE_LOADTEST_QUESTIONS; default: the short questions in loadtests/questions.jsonl)")
     p.add_argument("--run-time", default="60s", help="arrival window of each run: 90, 90s, 2m (default 60s)")
     p.add_argument("--users", type=int, default=0,
                    help="Locust users (default: enough for open-loop arrivals at the scenario's peak)")
     p.add_argument("--out", type=Path, required=True, help="directory for CSV, HTML, events and summary")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also run every scenario against llama_cpp.server (default: yes)")
+    p.add_argument("--llama-server", type=Path, metavar="PATH",
+                   help="also run every scenario against llama.cpp's llama-server binary at PATH: the variant's "
+                        "`parallel` slots (-c n_ctx × parallel), --cont-batching, the same GGUF and threads")
     p.add_argument("--variant", default="smollm2-135m:q4_1",
-                   help="the baseline's variant; S is measured on it (default smollm2-135m:q4_1)")
+                   help="the baselines' variant; S is measured on it (default smollm2-135m:q4_1)")
     p.add_argument("--model", default="smollm2-135m",
                    help="`model` of edgeserve's requests: a family (routed) or family:variant (pinned)")
     p.add_argument("--url", help="use this running loopback edgeserve instead of starting one")
@@ -334,8 +406,6 @@ def run_loadtest(args: argparse.Namespace) -> int:
     """Run the scenarios as `args` say; prints the summary and returns an exit code."""
     try:
         args.run_s = parse_duration(args.run_time)
-        if args.questions is None:
-            raise EdgeserveError("give --questions (or EDGESERVE_LOADTEST_QUESTIONS): a JSONL of questions")
         questions = read_questions(args.questions)
         scenarios = load_scenarios(args.scenarios)
         names = [n.strip() for n in args.scenario.split(",") if n.strip()]
@@ -345,32 +415,49 @@ def run_loadtest(args: argparse.Namespace) -> int:
             raise EdgeserveError("Locust is not installed: pip install 'edgeserve[dev]' (or locust)")
         if args.max_tokens < 1 or args.users < 0 or args.grace_s < 0:
             raise EdgeserveError("--max-tokens must be >= 1, --users and --grace-s >= 0")
-    except (EdgeserveError, ValueError, OSError) as exc:
+        binary = args.llama_server
+        if binary is not None and not (binary.is_file() and os.access(binary, os.X_OK)):
+            raise EdgeserveError(f"--llama-server {args.llama_server} is not an executable file")
+        if args.url:
+            check_loopback(args.url)
+        if args.baseline or args.llama_server is not None:
+            from edgeserve.tools.bench import select_targets
+
+            (args.target,) = select_targets(args.variant, argparse.Namespace(
+                models=args.models, cache_dir=args.cache_dir, threads=None))
+    except (EdgeserveError, ValueError, KeyError, OSError) as exc:
         print(f"edgeserve loadtest: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     # Locust runs in each run's own directory: every path it is given must be absolute.
     args.out, args.questions, args.scenarios, args.locustfile = (
         p.resolve() for p in (args.out, args.questions, args.scenarios, args.locustfile))
+    found = servers(args)
     summaries: list[Summary] = []
+    services: dict[str, float] = {"given": args.service_ms} if args.service_ms else {}
+    service_ms: float = args.service_ms or 0.0
     try:
-        with targets(args) as found:
-            services = ({"given": args.service_ms} if args.service_ms
-                        else service_times(found, args, questions))
-            service_ms = args.service_ms or next(
-                (ms for name, ms in services.items() if name.startswith(BASELINE)), max(services.values()))
-            progress("service time: " + ", ".join(f"{k} {v:.0f} ms" for k, v in services.items()))
-            for name in names:
-                for target in found:
-                    drain(target)
-                    out = args.out / name / target.name
+        for index, name in enumerate(names):
+            for server in found:
+                out = args.out / name / server.name
+                out.mkdir(parents=True, exist_ok=True)
+                with started(server, out / "server.log") as target:
+                    if index == 0 and not args.service_ms:
+                        label, ms = service_time(target, args, questions)
+                        services[label] = ms
+                        service_ms = service_ms or ms  # the first target's S makes the plan
+                        progress(f"service time of {label}: {ms:.0f} ms")
+                    else:
+                        warm_up(target)
+                    if server.url is not None:
+                        drain(target)  # what earlier runs left queued on a server not started here
                     summaries.append(run_locust(target, name, scenarios[name], service_ms, args, out))
                     if target.name == EDGESERVE:
                         save_metrics(target, out / "metrics.txt")
     except (RuntimeError, EdgeserveError, httpx.HTTPError) as exc:
         print(f"edgeserve loadtest: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 1
-    report = render(summaries, args, services, service_ms)
+    report = render(summaries, args, services, service_ms, setup_lines(args, found))
     (args.out / "summary.md").write_text(report)
     (args.out / "summary.json").write_bytes(msgspec.json.format(msgspec.json.encode(summaries)))
     print(report)
