@@ -2,10 +2,11 @@
 
 `ResidencyManager` applies the pure rules of `runtime.residency.Residency` to the runners:
 admission asks it what a variant would cost to make resident (`load_estimate_ms`, part of the
-variant's predicted latency, so routing swaps only when it pays), and the scheduler calls
-`ensure` inside the request's CPU slot, so a load competes for the CPU like a generation and
-the queue's wait estimate counts it. With a budget that holds every variant (the default on a
-machine with enough RAM) everything is loaded at start and `ensure` returns at once.
+variant's predicted latency, so routing swaps only when it pays), and LocalVariant.start calls
+`ensure` before it hands the request to the stepping loop; a variant with requests in the loop
+is never evicted (a swap that needs its memory waits for them). With a budget that holds every
+variant (the default on a machine with enough RAM) everything is loaded at start and `ensure`
+returns at once.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class ResidencyManager:
                                    budget_bytes, min_residency_s)
         self._clock = clock
         self._lock = asyncio.Lock()  # one swap at a time: parallel loads only thrash storage
+        # Victims of the swap under way. The stepping loop lets requests of other variants run
+        # while a swap unloads one in a worker thread; a request for a victim must not take the
+        # fast path of `ensure` (still loaded and resident on the books) and join its lane on the
+        # way out: the unload would find the lane busy. It waits for the lock instead.
+        self._leaving: set[str] = set()
         self.loads = 0
         self.evictions = 0
 
@@ -73,7 +79,7 @@ class ResidencyManager:
         minimum residency, their unloads and its load (the last measured one, else the profile's,
         else from its size); None when it can never be (larger than the budget). Variants that
         are generating now are not held against it: that wait is the queue's, and `ensure`
-        (inside the slot) waits for them."""
+        waits for them."""
         plan = self.residency.plan(variant_id, self._clock())
         if plan is None:
             return None
@@ -87,10 +93,10 @@ class ResidencyManager:
         return plan.wait_s * 1000 + unload_ms + load_ms
 
     async def ensure(self, runner: LlamaRunner) -> None:
-        """Make `runner` resident (called inside its request's CPU slot). The swap itself is
+        """Make `runner` resident (called before its request joins the loop). The swap itself is
         shielded: a client leaving mid-load must not leave the books and the runners apart."""
         variant_id = runner.variant_id
-        if runner.loaded and self.residency.is_resident(variant_id):
+        if runner.loaded and self.residency.is_resident(variant_id) and variant_id not in self._leaving:
             self.residency.used(variant_id, self._clock())
             return
         async with self._lock:
@@ -99,21 +105,25 @@ class ResidencyManager:
                 if plan is None:
                     if not self.residency.fits_alone(variant_id):
                         raise GenerationFailedError(f"{variant_id}: {self.unavailable_reason(variant_id)}")
-                    # Only with several slots: the memory is held by generations; wait them out.
+                    # The memory is held by variants with requests in the loop; wait them out.
                     await asyncio.sleep(BUSY_POLL_S)
                     continue
                 if plan.wait_s > 0:
                     await asyncio.sleep(plan.wait_s)  # minimum residency of the victims
                     continue
                 break
+            self._leaving.update(plan.evict)  # now, before the swap task gets to run
             await asyncio.shield(self._swap(plan))
             self.residency.used(variant_id, self._clock())
 
     async def _swap(self, plan: SwapPlan) -> None:
-        for victim in plan.evict:
-            await self.runners[victim].unload()
-            self.residency.unloaded(victim)
-            self.evictions += 1
+        try:
+            for victim in plan.evict:
+                await self.runners[victim].unload()
+                self.residency.unloaded(victim)
+                self.evictions += 1
+        finally:
+            self._leaving.difference_update(plan.evict)
         if plan.resident:
             return
         runner = self.runners[plan.variant_id]
@@ -144,6 +154,7 @@ class ResidencyManager:
                 f"{variant_id} needs {format_bytes(residency.sizes[variant_id])}, more than the memory "
                 f"budget of {format_bytes(residency.budget_bytes or 0)}: raise --memory-budget or drop it")
         async with self._lock:
+            self._leaving.update(plan.evict)
             await self._swap(plan)
 
 

@@ -103,3 +103,39 @@ def test_a_variant_larger_than_the_budget_is_never_available(registry: ModelRegi
 
 async def _noop() -> None:
     return None
+
+
+async def test_a_request_for_a_variant_being_evicted_waits_for_it_to_load_again(
+        registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a swap unloads q2_k (in a worker thread) to make room for q8_0, a request for q2_k
+    must not slip into q2_k's lane on its way out: it waits for the swap, then q2_k comes back
+    once q8_0's request is done. Both requests are served."""
+    manager = ResidencyManager(registry.runners, one_variant_budget(registry))
+    await manager.load_one_by_one([Q2], lambda _runner: _noop(), keep=[])
+    q2, q8 = registry.runners[Q2], registry.runners[Q8]
+    unloading = asyncio.Event()
+    real_unload = q2.unload
+
+    async def slow_unload() -> None:  # a slow storage: the window in which the race happens
+        unloading.set()
+        await asyncio.sleep(0.3)
+        await real_unload()
+
+    monkeypatch.setattr(q2, "unload", slow_unload)
+
+    async def serve(variant_id: str) -> int:  # what LocalVariant.start does, then the text
+        runner = registry.runners[variant_id]
+        await manager.ensure(runner)
+        generation = runner.submit(job(registry, variant_id))
+        await generation.joined
+        await generation.text()
+        assert generation.result is not None
+        return generation.result.predicted_n
+
+    for_q8 = asyncio.create_task(serve(Q8))
+    await unloading.wait()
+    assert q2.loaded  # still: the unload has not begun yet
+    for_q2 = asyncio.create_task(serve(Q2))
+    assert list(await asyncio.wait_for(asyncio.gather(for_q8, for_q2), timeout=60)) == [4, 4]
+    assert q2.loaded and not q8.loaded
+    assert manager.residency.resident_ids == [Q2]
