@@ -139,6 +139,10 @@ class Lane:
         return bool(self.waiting) or any(p.work is not None for p in self.places)
 
 
+def _free_places(lane: Lane) -> int:
+    return sum(p.work is None for p in lane.places)
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -219,8 +223,13 @@ class Stepper:
             lane = self._lanes.get(variant_id)
             if lane is None:
                 raise RuntimeError(f"{variant_id} is not loaded")
-            waiting = sum(len(other.waiting) for other in self._lanes.values())
-            if waiting >= self.max_queue:
+            # Only requests that must wait for a place count against max_queue: a request that
+            # finds a free place sits in `waiting` only until the loop's next iteration seats it,
+            # so counting those refused (429) concurrent requests to an idle variant with places
+            # to spare, and every request with --max-queue 0.
+            must_wait = len(lane.waiting) >= _free_places(lane)
+            waiting = sum(max(0, len(other.waiting) - _free_places(other)) for other in self._lanes.values())
+            if must_wait and waiting >= self.max_queue:
                 raise RefusedError(f"The queue is full ({self.max_queue} requests waiting); retry shortly.",
                                    code="queue_full", retry_after_s=1)
             work = Work(next(self._keys), job, generation, min_run_s, self._clock(), fail_after_first)

@@ -214,6 +214,21 @@ async def test_a_cancelled_sequence_leaves_and_the_others_go_on(stepper: Stepper
     assert not stepper.busy("f:a")
 
 
+async def test_only_requests_that_must_wait_for_a_place_count_against_the_queue() -> None:
+    stepper = Stepper(chunk_tokens=8, max_queue=0)
+    try:
+        decoder = FakeDecoder(step_s=0.005)
+        stepper.attach("f:a", decoder, parallel=2)
+        # submitted together: both have a place, though the loop has not seated them yet
+        together = [submit(stepper, "f:a", job([1, 2, 3], 30)), submit(stepper, "f:a", job([4, 5], 30))]
+        with pytest.raises(RefusedError) as refused:  # a third must wait: a queue of 0 refuses it
+            submit(stepper, "f:a", job([6], 2))
+        assert refused.value.code == "queue_full"
+        assert [await g.text() for g in together] == [expected_text([1, 2, 3], 30), expected_text([4, 5], 30)]
+    finally:
+        stepper.close()
+
+
 async def test_a_waiting_request_whose_client_left_is_dropped(stepper: Stepper) -> None:
     decoder = FakeDecoder(step_s=0.002)
     stepper.attach("f:a", decoder, parallel=1)
