@@ -33,7 +33,7 @@ pytestmark = pytest.mark.e2e
 MARKER = "FAULT-7f3a"
 PINNED = f"{FAMILY}:q4_1"
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
-STORM = 50  # below --max-queue (64): one runs, the rest wait, and every one of them leaves
+STORM = 50  # below --max-queue (64): `parallel` run, the rest wait, and every one of them leaves
 EXIT_TIMEOUT_S = 120.0
 
 
@@ -115,7 +115,7 @@ def test_a_runner_exception_mid_stream_ends_the_stream_with_an_error_event(serve
 
 
 def leave_mid_stream(server: Server, request_id: str, after_content: bool, seen: list[str]) -> None:
-    """Stream, read the first frame (the role chunk, sent before the request gets its slot) or
+    """Stream, read the first frame (the role chunk, sent before the request gets its place) or
     the first piece of text, then close the connection."""
     body = {"model": PINNED, "messages": STORY, "max_tokens": 200, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server.base}/v1/chat/completions", json=body, timeout=60,
@@ -129,7 +129,7 @@ def leave_mid_stream(server: Server, request_id: str, after_content: bool, seen:
                 break  # leaving the block closes the connection mid-stream
 
 
-def test_fifty_clients_leaving_mid_stream_leave_nothing_running_and_no_slot_held(server: Server) -> None:
+def test_fifty_clients_leaving_mid_stream_leave_nothing_running_and_no_place_held(server: Server) -> None:
     ids = [f"storm-{i}-{uuid.uuid4().hex[:6]}" for i in range(STORM)]
     seen: list[str] = []
     # half leave after the first frame (most are queued then), half after their first text

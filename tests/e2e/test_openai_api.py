@@ -329,8 +329,9 @@ def test_disconnect_mid_stream_cancels_the_generation(server: Server) -> None:
     assert after.status_code == 200, after.text
     reply = after.json()
     assert reply["choices"][0]["message"]["content"]
-    # The abandoned generation did not keep the only slot busy for its 200 tokens: the next
-    # request waited less than 50 tokens' worth (measured now: other processes may load the CPU).
+    # The abandoned generation did not hold its place for its 200 tokens: with one place per
+    # variant (parallel = 1) the next request would wait for it; it waited less than 50 tokens'
+    # worth (measured now: other processes may load the CPU). The log line below shows it too.
     per_token_ms = reply["timings"]["predicted_ms"] / max(1, reply["timings"]["predicted_n"] - 1)
     assert reply["edgeserve"]["queue_ms"] < max(1000.0, 50 * per_token_ms), reply
 
