@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -1201,6 +1202,8 @@ def run_bench(args: argparse.Namespace) -> int:
 def run_concurrency_bench(targets: list[Target], args: argparse.Namespace, levels: list[int]) -> int:
     if getattr(args, "llama_server", None) is None:
         progress("no --llama-server PATH: llama-server is skipped")
+    # SIGTERM unwinds like an error (SystemExit), so the server being measured is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     reports: list[str] = []
     with tempfile.TemporaryDirectory(prefix="edgeserve-bench-") as tmp:
         try:
