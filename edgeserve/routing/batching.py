@@ -32,8 +32,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from edgeserve.routing.costs import CostProfile, prefill_ms, step_ms
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,19 @@ class _Seq:
                        deadline_ms=None if deadline is None else deadline - now_ms)
 
 
+def most_urgent(batches: Iterable[tuple[K, Iterable[float]]]) -> K | None:
+    """The batch the next step runs (the stepping loop and the Timeline share this rule): the
+    one holding the most urgent deadline (urgencies: deadlines, inf for none), the first of
+    equals; empty batches never run. None when every batch is empty."""
+    best: float | None = None
+    chosen: K | None = None
+    for key, urgencies in batches:
+        urgency = min(urgencies, default=None)
+        if urgency is not None and (best is None or urgency < best):
+            best, chosen = urgency, key
+    return chosen
+
+
 @dataclass
 class Timeline:
     """Steps the board forward in whole segments (a run of identical steps) until every
@@ -131,15 +147,7 @@ class Timeline:
                 self.start_ms[seq.load.key] = self.now_ms
 
     def _next_variant(self) -> str | None:
-        best: tuple[float, int] | None = None
-        chosen = None
-        for index, (name, batch) in enumerate(self.running.items()):
-            if not batch:
-                continue
-            key = (min(s.urgency for s in batch), index)
-            if best is None or key < best:
-                best, chosen = key, name
-        return chosen
+        return most_urgent((name, [s.urgency for s in batch]) for name, batch in self.running.items())
 
     def step_segment(self) -> bool:
         """Run one segment: one prefill-carrying step, or the identical decode steps up to the

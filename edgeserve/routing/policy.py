@@ -37,8 +37,6 @@ class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
     ``requested_max_tokens`` None → the policy's default; ``deadline_ms`` (from arrival) None →
     best quality; ``pinned`` is a variant_id; ``style`` None → the policy's default style;
     ``hint`` None → the policy's ``hint.enabled`` (X-Budget-Hint overrides it).
-    ``run_limit_ms`` (None: none) is the longest this generation may take without making a
-    request already queued behind it miss; it caps the budget like the deadline does.
     """
 
     prompt_tokens: int
@@ -47,7 +45,6 @@ class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
     pinned: str | None = None
     style: str | None = None
     hint: bool | None = None
-    run_limit_ms: float | None = None
 
 
 class VariantCandidate(msgspec.Struct, frozen=True, kw_only=True):
@@ -182,8 +179,6 @@ def choose(
             code="context_length_exceeded",
         )
 
-    run_limit = math.inf if request.run_limit_ms is None else max(request.run_limit_ms, 0.0)
-    queued_cap = False
     options: list[_Option] = []
     for c in fitting:
         if board is not None and c.variant_id in board.variants:
@@ -193,9 +188,6 @@ def choose(
             continue
         wait = _wait(c, queue)
         avail = math.inf if deadline is None else available_ms(deadline, wait, policy)
-        capped = c.wait_ms is None and run_limit < avail  # only a local slot delays the local queue
-        if capped:
-            avail, queued_cap = run_limit, True
         avail -= c.load_ms
         cap = min(max_tokens, c.n_ctx - prompt)
         minimum = min(policy.routing.min_useful_tokens, cap)
@@ -213,13 +205,11 @@ def choose(
             limit = "max_tokens"
         elif budget == c.n_ctx - prompt:
             limit = "the context"
-        elif capped:
-            limit = "requests queued behind it"
         options.append(_Option(c, budget, accuracy, predicted, limit, wait))
 
     if not options:
         assert deadline is not None  # without a deadline every fitting variant is an option
-        return _refuse(request, fitting, policy, deadline, queue, max_tokens, queued_cap, excluded, board)
+        return _refuse(request, fitting, policy, deadline, queue, max_tokens, excluded, board)
 
     best = options[0]
     for option in options[1:]:
@@ -297,7 +287,7 @@ def _reason(best: _Option, options: list[_Option], request: RoutingRequest, poli
                 f"{format_ms(queue)} queue − {format_ms(margin)} margin")
     if best.candidate.load_ms > 0:
         text += f" (including {format_ms(best.candidate.load_ms)} to load it)"
-    if best.limit is not None and (deadline is not None or request.run_limit_ms is not None):
+    if best.limit is not None and deadline is not None:
         text += f" (capped by {best.limit})"
     others = [o for o in options if o is not best]
     if others:
@@ -309,7 +299,7 @@ def _reason(best: _Option, options: list[_Option], request: RoutingRequest, poli
 
 
 def _refuse(request: RoutingRequest, fitting: list[VariantCandidate], policy: PolicyFile,
-            deadline: float, queue: float, max_tokens: int, queued_cap: bool,
+            deadline: float, queue: float, max_tokens: int,
             excluded: list[VariantCandidate], board: Board | None = None) -> Refusal:
     """Why nothing fits, the smallest deadline that would, and when to retry."""
     prompt = max(request.prompt_tokens, 0)
@@ -349,17 +339,6 @@ def _refuse(request: RoutingRequest, fitting: list[VariantCandidate], policy: Po
         why = "even with an empty queue it does not fit"
     pinned = "pinned " if request.pinned is not None else ""
     gone = f"; excluded: {'; '.join(_excluded(c) for c in excluded)}" if excluded else ""
-    if queued_cap and request.run_limit_ms is not None and need <= deadline - wait - margin:
-        # It would fit on its own; running it first would make requests already queued miss.
-        return Refusal(
-            reason=(f"deadline {format_ms(deadline)} is infeasible now: the fastest useful answer "
-                    f"({pinned}{fastest.name}, {minimum} tokens) needs {format_ms(need)}, but going "
-                    f"ahead of the requests already queued may take at most "
-                    f"{format_ms(max(request.run_limit_ms, 0.0))} without making them miss theirs{gone}"),
-            code="deadline_infeasible",
-            retry_after_s=max(1, math.ceil(wait / 1000)),
-            min_deadline_ms=None,
-        )
     return Refusal(
         reason=(f"deadline {format_ms(deadline)} is infeasible: the fastest useful answer "
                 f"({pinned}{fastest.name}, {minimum} tokens) needs {format_ms(need)} + "

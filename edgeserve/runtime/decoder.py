@@ -94,6 +94,8 @@ class Decoder:
         self.n_batch = n_batch  # tokens one step can hold
         self.kv_unified = kv_unified
         self._samplers: dict[int, Any] = {}
+        self._pieces: dict[tuple[int, bool], bytes] = {}  # at most 2 × the vocabulary
+        self._eog: dict[int, bool] = {}
         self._closed = False
 
         model_params = llama_cpp.llama_model_default_params()
@@ -158,7 +160,17 @@ class Decoder:
             size = -n
 
     def token_piece(self, token: int, *, special: bool = False) -> bytes:
-        """A token's bytes (part of a UTF-8 character, maybe); control tokens are b"" unless `special`."""
+        """A token's bytes (part of a UTF-8 character, maybe); control tokens are b"" unless `special`.
+
+        Remembered per token (the vocabulary never changes): the stepping loop asks for every
+        sampled token, and each ctypes call gives up the GIL and may wait for the event loop's
+        thread to hand it back."""
+        piece = self._pieces.get((token, special))
+        if piece is None:
+            piece = self._pieces[(token, special)] = self._token_piece(token, special)
+        return piece
+
+    def _token_piece(self, token: int, special: bool) -> bytes:
         size = 32
         while True:
             buf = ctypes.create_string_buffer(size)
@@ -168,7 +180,10 @@ class Decoder:
             size = -n
 
     def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return eog
 
     # ---- sequences -------------------------------------------------------------------------
 

@@ -112,15 +112,21 @@ def until_closed(text: str, depth: int) -> tuple[str, int]:
     return text, depth
 
 
+def check_prompt(job: GenerationJob, n_ctx: int) -> None:
+    """ValueError unless the job's prompt fits a context of `n_ctx` with room for a token."""
+    prompt = job.prompt_tokens
+    if not prompt:
+        raise ValueError("a sequence needs at least one prompt token")
+    if len(prompt) >= n_ctx:
+        raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in a context of {n_ctx}")
+
+
 class Sequence:
     """One request being generated. Not thread-safe, except `cancel()` (a flag read before a step)."""
 
     def __init__(self, job: GenerationJob, n_ctx: int, *, cache_n: int = 0) -> None:
+        check_prompt(job, n_ctx)
         prompt = job.prompt_tokens
-        if not prompt:
-            raise ValueError("a sequence needs at least one prompt token")
-        if len(prompt) >= n_ctx:
-            raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in a context of {n_ctx}")
         self.job = job
         self.max_tokens = min(job.max_tokens, n_ctx - len(prompt))
         # The last prompt token is always evaluated: its logits give the first sampled token.

@@ -37,12 +37,19 @@ from typing import Protocol
 
 from edgeserve.errors import RefusedError, ShuttingDownError
 from edgeserve.logging import get_logger
-from edgeserve.routing.batching import Board, SeqLoad, VariantLoad
+from edgeserve.routing.batching import Board, SeqLoad, VariantLoad, most_urgent
 from edgeserve.routing.costs import CostProfile, prefill_ms, step_ms
 from edgeserve.runtime.decoder import BatchEntry
 from edgeserve.runtime.faults import InjectedFault
 from edgeserve.runtime.generation import Generation
-from edgeserve.runtime.sequence import TAIL_RESERVE_S, GenerationJob, GenerationResult, SamplingParams, Sequence
+from edgeserve.runtime.sequence import (
+    TAIL_RESERVE_S,
+    GenerationJob,
+    GenerationResult,
+    SamplingParams,
+    Sequence,
+    check_prompt,
+)
 
 log = get_logger("edgeserve.stepper")
 
@@ -394,7 +401,7 @@ class Stepper:
         copy a longer prefix from any other place; else the least recently used free place."""
         prompt = work.job.prompt_tokens
         try:
-            Sequence(work.job, lane.decoder.n_ctx)  # its checks (a prompt that fits), before any KV moves
+            check_prompt(work.job, lane.decoder.n_ctx)  # before any KV moves
         except ValueError as exc:
             work.generation._emit_joined(exc)
             work.generation._emit_end(exc)
@@ -425,16 +432,7 @@ class Stepper:
         work.generation._emit_joined((now - work.submitted) * 1000)
 
     def _next_lane(self) -> Lane | None:
-        best: tuple[float, int] | None = None
-        chosen = None
-        for index, lane in enumerate(self._lanes.values()):
-            running = lane.running
-            if not running:
-                continue
-            key = (min(w.urgency for w in running), index)
-            if best is None or key < best:
-                best, chosen = key, lane
-        return chosen
+        return most_urgent((lane, [w.urgency for w in lane.running]) for lane in self._lanes.values())
 
     def _batch(self, lane: Lane) -> tuple[list[BatchEntry], list[Work]]:
         """The next step of `lane`: each sequence's rules first (cancel, deadline), then one

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from edgeserve.routing.batching import Board, SeqLoad, Timeline, VariantLoad, fit_budget
+from edgeserve.routing.batching import Board, SeqLoad, Timeline, VariantLoad, fit_budget, most_urgent
 from edgeserve.routing.costs import CostProfile, step_ms, width_factor
 
 
@@ -71,6 +71,13 @@ def test_most_urgent_variant_runs_first() -> None:
     ])
     assert finishes[2] == pytest.approx(100)
     assert finishes[1] == pytest.approx(150)
+
+
+def test_most_urgent_picks_the_earliest_deadline_first_of_equals_and_skips_empty_batches() -> None:
+    assert most_urgent([("a", [5.0, 9.0]), ("b", [3.0]), ("c", [])]) == "b"
+    assert most_urgent([("a", [math.inf]), ("b", [math.inf])]) == "a"  # no deadlines: the first
+    assert most_urgent([("a", [4.0]), ("b", [4.0, 1.0])]) == "b"
+    assert most_urgent([("a", []), ("b", [])]) is None
 
 
 def test_prefill_chunks_ride_along_with_decode_steps() -> None:

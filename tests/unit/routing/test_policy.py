@@ -273,41 +273,11 @@ def test_decisions_serialise() -> None:
     assert msgspec.json.decode(msgspec.json.encode(decision), type=Decision) == decision
 
 
-def test_a_run_limit_from_the_queue_caps_the_budget_like_a_deadline(
-        simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
-    free = choose(RoutingRequest(prompt_tokens=50, deadline_ms=10_000), fast_slow, simple_policy, 0)
-    assert isinstance(free, Decision) and free.variant_name == "slow" and free.max_tokens == 256
-    capped = choose(RoutingRequest(prompt_tokens=50, deadline_ms=10_000, run_limit_ms=1000),
-                    fast_slow, simple_policy, 0)
-    assert isinstance(capped, Decision)
-    assert capped.predicted_ms <= 1000
-    assert (capped.variant_name, capped.max_tokens) == ("fast", 100)  # 0.3 beats slow's 0.2 at 33
-    assert "requests queued behind it" in capped.reason
-
-
-def test_a_looser_run_limit_changes_nothing(simple_policy: PolicyFile,
-                                            fast_slow: list[VariantCandidate]) -> None:
-    plain = choose(RoutingRequest(prompt_tokens=50, deadline_ms=2000), fast_slow, simple_policy, 100)
-    limited = choose(RoutingRequest(prompt_tokens=50, deadline_ms=2000, run_limit_ms=5000), fast_slow,
-                     simple_policy, 100)
-    assert plain == limited
-
-
-def test_a_request_that_would_make_queued_ones_miss_is_refused_with_that_reason(
-        simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
-    refusal = choose(RoutingRequest(prompt_tokens=50, deadline_ms=2000, run_limit_ms=100), fast_slow,
-                     simple_policy, 0)
-    assert isinstance(refusal, Refusal)
-    assert refusal.code == "deadline_infeasible"
-    assert "already queued" in refusal.reason and "100 ms" in refusal.reason
-    assert refusal.retry_after_s == 1
-
-
 def test_a_variant_with_its_own_wait_is_not_delayed_by_the_local_queue(simple_policy: PolicyFile) -> None:
     local = candidate("fast", 10.0)
     remote = VariantCandidate(variant_id="fam:slow", name="slow", profile=flat_profile("fam:slow", 30.0),
                               n_ctx=4096, wait_ms=0.0)
-    request = RoutingRequest(prompt_tokens=50, deadline_ms=3000, run_limit_ms=10)
+    request = RoutingRequest(prompt_tokens=50, deadline_ms=3000)
     decision = choose(request, [local, remote], simple_policy, 2900)
     # the local queue (2.9 s) leaves the fast variant 10 tokens; the remote one has the whole 3 s
     assert isinstance(decision, Decision)
