@@ -41,10 +41,44 @@ K = TypeVar("K")
 
 @dataclass(frozen=True)
 class VariantLoad:
-    """What the timeline needs of a variant: its costs and how many sequences share a batch."""
+    """What the timeline needs of a variant: its costs, how many sequences share a batch, and
+    how many it has been running lately (`LoadMeter`): a busy variant's batch fills again as
+    sequences leave, so its steps are priced at no fewer than that many sequences (0: priced
+    at the sequences on the board only)."""
 
     profile: CostProfile
     parallel: int = 1
+    load: float = 0.0
+
+    def priced_width(self, width: int) -> float:
+        """The batch width a step of `width` sequences is priced at."""
+        return max(float(width), min(self.load, float(self.parallel)))
+
+
+LOAD_HALF_LIFE_MS = 2000.0
+
+
+@dataclass
+class LoadMeter:
+    """How many sequences a variant has been running lately: the running count's average,
+    weighted by time and fading with a half-life of a few seconds (so an idle spell brings it
+    back to 0). Pure: the caller says when (ms on any clock) the count changed."""
+
+    half_life_ms: float = LOAD_HALF_LIFE_MS
+    _average: float = 0.0
+    _level: int = 0
+    _at_ms: float | None = None
+
+    def observe(self, now_ms: float, running: int) -> None:
+        """From `now_ms` on, `running` sequences run."""
+        self._average = self.value(now_ms)
+        self._level, self._at_ms = running, now_ms
+
+    def value(self, now_ms: float) -> float:
+        if self._at_ms is None:
+            return 0.0
+        fade: float = 0.5 ** (max(now_ms - self._at_ms, 0.0) / self.half_life_ms)
+        return self._level + (self._average - self._level) * fade
 
 
 @dataclass(frozen=True)
@@ -121,6 +155,9 @@ class Timeline:
     start_ms: dict[int, float] = field(default_factory=dict)
     cut_at_deadline: bool = False
     cut: dict[int, int] = field(default_factory=dict)
+    # how many sequences each variant has been running (for `board`, as the stepping loop
+    # publishes it); this timeline's own steps are priced at its variants' `load`
+    meters: dict[str, LoadMeter] = field(default_factory=dict)
 
     def add(self, load: SeqLoad) -> None:
         if load.variant not in self.variants:
@@ -173,12 +210,19 @@ class Timeline:
     def board(self) -> Board:
         """What runs and waits now, as the stepping loop publishes it for admission: every
         sequence still to finish, with its times in ms from ``now_ms``. Its timeline predicts
-        the same finishes as this one (less ``now_ms``, and without ``cut_at_deadline``)."""
+        the same finishes as this one (less ``now_ms``, and without ``cut_at_deadline``) when
+        its variants' loads are left out."""
         loads: list[SeqLoad] = []
         for name in dict.fromkeys([*self.running, *self.waiting]):  # lane order: ties follow it
             loads += [s.now_load(self.now_ms, True) for s in self.running.get(name, [])]
             loads += [s.now_load(self.now_ms, False) for s in self.waiting.get(name, [])]
-        return Board(dict(self.variants), tuple(loads), self.chunk_tokens)
+        variants = {name: replace(v, load=self.meters[name].value(self.now_ms)) if name in self.meters else v
+                    for name, v in self.variants.items()}
+        return Board(variants, tuple(loads), self.chunk_tokens)
+
+    def _observe(self) -> None:
+        for name, batch in self.running.items():
+            self.meters.setdefault(name, LoadMeter()).observe(self.now_ms, len(batch))
 
     def _leave(self, seq: _Seq, batch: list[_Seq], cut: bool) -> None:
         batch.remove(seq)
@@ -188,10 +232,12 @@ class Timeline:
 
     def _segment(self, until_ms: float) -> bool:
         """One segment, of which only the steps that start before ``until_ms`` run."""
+        self._observe()
         name = self._next_variant()
         if name is None:
             return False
-        profile = self.variants[name].profile
+        variant = self.variants[name]
+        profile = variant.profile
         batch = self.running[name]
         decoding = [s for s in batch if s.prompt_left == 0]
         prefilling = [s for s in batch if s.prompt_left > 0]
@@ -206,9 +252,9 @@ class Timeline:
                 cost += profile.prefill_fixed_ms
             cost *= seq.load.cost_factor
             if decoding:
-                cost += step_ms(profile, len(decoding), _mean_context(decoding)) * factor
+                cost += step_ms(profile, variant.priced_width(len(decoding)), _mean_context(decoding)) * factor
         else:
-            cost = step_ms(profile, len(decoding), _mean_context(decoding) + 1) * factor
+            cost = step_ms(profile, variant.priced_width(len(decoding)), _mean_context(decoding) + 1) * factor
         if self.cut_at_deadline:
             members = [*decoding, *([seq] if seq is not None else [])]
             late = [s for s in members if s.load.deadline_ms is not None
@@ -230,7 +276,7 @@ class Timeline:
                 seq.tokens_left -= 1  # the step that ends the prompt samples its first token
                 seq.context += 1
         else:
-            width = len(decoding)
+            width = variant.priced_width(len(decoding))
             base = _mean_context(decoding)
             first = step_ms(profile, width, base + 1)
 
@@ -301,6 +347,12 @@ class Board:
     def finishes(self, extra: Iterable[SeqLoad] = ()) -> dict[int, float]:
         return self.timeline(extra).run()
 
+    def unloaded(self) -> Board:
+        """This board with its steps priced at the sequences on it only (no recent load)."""
+        if all(v.load == 0.0 for v in self.variants.values()):
+            return self
+        return replace(self, variants={n: replace(v, load=0.0) for n, v in self.variants.items()})
+
     def with_profile(self, variant: str, profile: CostProfile) -> Board:
         variants = dict(self.variants)
         variants[variant] = replace(variants[variant], profile=profile)
@@ -335,7 +387,7 @@ def fit_budget(board: Board, variant: str, prompt_tokens: int, cap: int, minimum
     if cap < 1:
         return None
     minimum = max(1, min(minimum, cap))
-    base = board.finishes()
+    base = board.unloaded().finishes()
     on_time = {s.key for s in board.sequences
                if s.deadline_ms is not None and base.get(s.key, math.inf) <= s.deadline_ms}
     parallel = board.variants[variant].parallel
@@ -355,15 +407,21 @@ def _fit_at(board: Board, variant: str, prompt_tokens: int, cap: int, minimum: i
     sequences (None: as soon as a place is free). Binary search: more tokens never make anyone
     finish sooner."""
 
+    unloaded = board.unloaded()
+
     def trial(tokens: int) -> tuple[bool, bool, float, float]:
-        """(fits its own deadline, keeps the others', start, finish)"""
+        """(fits its own deadline, keeps the others', start, finish). Its own finish is priced
+        at the variants' recent loads (what it will most likely see: places that free up fill
+        again); the others' promise is kept against the board as it stands (their deadlines
+        were admitted on it, and every later newcomer is checked the same way)."""
         newcomer = SeqLoad(NEWCOMER, variant, tokens, prompt_left=prompt_tokens, context=0,
                            deadline_ms=None if math.isinf(available_ms) else available_ms, running=False,
                            join_width=join_width)
         timeline = board.timeline([newcomer])
         finishes = timeline.run()
+        plain = finishes if unloaded is board else unloaded.finishes([newcomer])
         own = finishes[NEWCOMER] <= available_ms
-        others = all(finishes[s.key] <= s.deadline_ms for s in board.sequences
+        others = all(plain[s.key] <= s.deadline_ms for s in board.sequences
                      if s.key in on_time and s.deadline_ms is not None)
         return own, others, timeline.start_ms.get(NEWCOMER, 0.0), finishes[NEWCOMER]
 

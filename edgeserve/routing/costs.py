@@ -85,7 +85,7 @@ def decode_steps_ms(profile: CostProfile, prompt_tokens: int, steps: int) -> flo
     return steps * profile.decode_ms_per_token + growth * (steps * p + steps * (steps + 1) / 2)
 
 
-def width_factor(profile: CostProfile, width: int) -> float:
+def width_factor(profile: CostProfile, width: float) -> float:
     """Cost of one decode step of ``width`` sequences relative to a step of one sequence:
     linear between measured widths, extended by the last measured slope beyond them, never
     below the measured ones (a wider batch is never cheaper per step) and ``width`` itself when
@@ -103,7 +103,7 @@ def width_factor(profile: CostProfile, width: int) -> float:
     return f1 + slope * (width - w1)
 
 
-def step_ms(profile: CostProfile, width: int, context: float) -> float:
+def step_ms(profile: CostProfile, width: float, context: float) -> float:
     """One decode step of ``width`` sequences whose mean context is ``context`` tokens."""
     growth = profile.decode_growth_ms_per_token_per_1k_ctx / 1000.0
     return (profile.decode_ms_per_token + growth * max(context, 0.0)) * width_factor(profile, width)

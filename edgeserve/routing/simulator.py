@@ -166,9 +166,11 @@ def simulate(
 
 
 def _as_published(board: Board, variants: dict[str, VariantLoad]) -> Board:
-    """The board as the server's admission sees it: the profiles, not how each request really runs."""
+    """The board as the server's admission sees it: the profiles (and the recent loads), not how
+    each request really runs."""
     sequences = tuple(replace(s, cost_factor=1.0) for s in board.sequences)
-    return replace(board, variants=variants, sequences=sequences)
+    published = {name: replace(v, load=board.variants[name].load) for name, v in variants.items()}
+    return replace(board, variants=published, sequences=sequences)
 
 
 def _outcome(done: _Admitted, key: int, timeline: Timeline, policy: PolicyFile) -> Outcome:

@@ -180,18 +180,24 @@ class Sequence:
         """The client left: the sequence ends as "cancelled" before its next step."""
         self._cancelled = True
 
-    def expected_step_s(self, step_s: float | None = None) -> float:
-        """What the next step will likely cost: the caller's prediction for the batch it runs in,
-        else the slowest of the last few steps (a step a little slower than the one before must
-        not overrun the deadline)."""
-        if step_s is not None:
-            return step_s
+    def expected_step_s(self, step_s: float | None = None, extra_s: float = 0.0) -> float:
+        """What the next step will likely cost: the larger of the caller's prediction `step_s`
+        and the slowest of the last few token intervals (they include other variants' steps in
+        between; a step a little slower than the one before must not overrun the deadline),
+        plus `extra_s`, what rides along in this step that the others did not carry (another
+        sequence's prompt chunk)."""
         recent = self.token_ms[-RECENT_STEPS:]
-        return (max(recent) if recent else 0.0) / 1000
+        history = (max(recent) if recent else 0.0) / 1000
+        return (history if step_s is None else max(step_s, history)) + extra_s
+
+    def fits(self, now: float, step_s: float | None = None, extra_s: float = 0.0) -> bool:
+        """Whether one more step (expected as above) ends in time for the deadline."""
+        deadline = self.job.deadline_at
+        return deadline is None or now + self.expected_step_s(step_s, extra_s) + TAIL_RESERVE_S <= deadline
 
     # ---- the step protocol -----------------------------------------------------------------
 
-    def before_step(self, now: float, step_s: float | None = None) -> bool:
+    def before_step(self, now: float, step_s: float | None = None, extra_s: float = 0.0) -> bool:
         """Call before every step this sequence would take part in; False: it has ended
         (cancelled, or its deadline cannot be met after one more step) and must leave the batch."""
         if self._started is None:
@@ -200,8 +206,7 @@ class Sequence:
             return False
         if self._cancelled:
             self.end("cancelled")
-        elif (self.job.deadline_at is not None
-              and now + self.expected_step_s(step_s) + TAIL_RESERVE_S > self.job.deadline_at):
+        elif not self.fits(now, step_s, extra_s):
             self.end("deadline")
         return not self.finished
 

@@ -37,7 +37,7 @@ from typing import Protocol
 
 from edgeserve.errors import RefusedError, ShuttingDownError
 from edgeserve.logging import get_logger
-from edgeserve.routing.batching import Board, SeqLoad, VariantLoad, most_urgent
+from edgeserve.routing.batching import Board, LoadMeter, SeqLoad, VariantLoad, most_urgent
 from edgeserve.routing.costs import CostProfile, prefill_ms, step_ms
 from edgeserve.runtime.decoder import BatchEntry
 from edgeserve.runtime.faults import InjectedFault
@@ -136,6 +136,7 @@ class Lane:
         self.places = [Place(seq_id) for seq_id in range(parallel)]
         self.waiting: list[Work] = []
         self.stats = StepStats()
+        self.meter = LoadMeter()  # how many sequences it has been running lately (admission)
 
     @property
     def running(self) -> list[Work]:
@@ -291,7 +292,8 @@ class Stepper:
                         work.key, variant_id, tokens_left=work.job.max_tokens,
                         prompt_left=len(work.job.prompt_tokens), deadline_ms=_deadline_ms(work, now),
                         running=False, join_width=work.job.join_width))
-        variants = {v: VariantLoad(p, parallel.get(v, 1)) for v, p in profiles.items()}
+            loads = {v: lane.meter.value(now * 1000) for v, lane in self._lanes.items()}
+        variants = {v: VariantLoad(p, parallel.get(v, 1), loads.get(v, 0.0)) for v, p in profiles.items()}
         return Board(variants, tuple(sequences), self.chunk_tokens)
 
     # ---- the loop (its own thread) ------------------------------------------------------------
@@ -322,6 +324,7 @@ class Stepper:
             for lane in self._lanes.values():
                 self._sweep(lane, now)
                 self._join(lane, now)
+                lane.meter.observe(now * 1000, len(lane.running))
             chosen = self._next_lane()
             if chosen is None:
                 self._cond.wait(IDLE_WAIT_S)
@@ -435,8 +438,13 @@ class Stepper:
         return most_urgent((lane, [w.urgency for w in lane.running]) for lane in self._lanes.values())
 
     def _batch(self, lane: Lane) -> tuple[list[BatchEntry], list[Work]]:
-        """The next step of `lane`: each sequence's rules first (cancel, deadline), then one
-        token of every decoding sequence and one chunk of the most urgent multi-token input."""
+        """The next step of `lane`: one token of every decoding sequence and one chunk of the
+        most urgent multi-token input (a prompt, or a forced answer prefix).
+
+        Each sequence's rules run first (cancel, deadline) with the predicted cost of the step
+        it would take part in: a chunk riding along makes the step slower than the decode
+        steps before it. A chunk that would push a decoding sequence past its deadline, when a
+        step without it would not, waits for the next step instead."""
         now = self._clock()
         profile = lane.profile()
         decoding: list[Work] = []
@@ -446,23 +454,61 @@ class Stepper:
             assert seq is not None
             if work.generation.cancelled:
                 seq.cancel()
-            step_s = self._prefill_left_s(profile, seq) if seq.prefilling else None
-            if not seq.before_step(now, step_s):
+            if seq.cancelled or seq.finished:
+                seq.before_step(now)  # ends it (cancelled)
                 self._leave(lane, work, None)
-                continue
-            (chunked if len(seq.pending) > 1 else decoding).append(work)
+            elif len(seq.pending) > 1:  # its prompt or a forced prefix
+                chunked.append(work)
+            else:
+                decoding.append(work)
+        chunk = self._chunk(lane, chunked, now, profile)
+        decode_s = self._decode_s(profile, decoding)
+        chunk_s = 0.0
+        if chunk is not None and profile is not None:
+            assert chunk.sequence is not None
+            chunk_s = _input_s(profile, chunk.sequence, min(self.chunk_tokens, len(chunk.sequence.pending)))
+            if any(w.sequence is not None and w.sequence.fits(now, decode_s)
+                   and not w.sequence.fits(now, decode_s, chunk_s) for w in decoding):
+                chunk = None  # it waits one step; the stream near its deadline gets its token
+        extra_s = chunk_s if chunk is not None else 0.0
         entries: list[BatchEntry] = []
         members: list[Work] = []
         for work in decoding:
+            assert work.sequence is not None
+            if not work.sequence.before_step(now, decode_s, extra_s):
+                self._leave(lane, work, None)
+                continue
             entries.append(self._take(work, 1))
             members.append(work)
-        if chunked:
-            work = min(chunked, key=lambda w: (w.urgency, w.key))
+        if chunk is not None:
             room = max(1, min(self.chunk_tokens, lane.decoder.n_batch - len(entries)))
-            entries.append(self._take(work, room))
-            members.append(work)
+            entries.append(self._take(chunk, room))
+            members.append(chunk)
             lane.stats.prefill_chunks += 1
         return entries, members
+
+    def _chunk(self, lane: Lane, chunked: list[Work], now: float, profile: CostProfile | None) -> Work | None:
+        """The most urgent sequence with a multi-token input whose rules let it go on (the
+        others' checks run too: an input that cannot be evaluated before its deadline stops
+        at this chunk boundary instead of holding its place)."""
+        going: list[Work] = []
+        for work in chunked:
+            seq = work.sequence
+            assert seq is not None
+            left_s = None if profile is None else _input_s(profile, seq, len(seq.pending))
+            if seq.before_step(now, left_s):
+                going.append(work)
+            else:
+                self._leave(lane, work, None)
+        return min(going, key=lambda w: (w.urgency, w.key)) if going else None
+
+    @staticmethod
+    def _decode_s(profile: CostProfile | None, decoding: list[Work]) -> float | None:
+        """The predicted cost of one decode step of these sequences (None: no profile)."""
+        if profile is None or not decoding:
+            return None
+        context = sum(w.sequence.n_past for w in decoding if w.sequence is not None) / len(decoding)
+        return step_ms(profile, len(decoding), context) / 1000
 
     @staticmethod
     def _take(work: Work, limit: int) -> BatchEntry:
@@ -470,15 +516,6 @@ class Stepper:
         step = work.sequence.take_input(limit)
         work.place.tokens.extend(step.tokens)
         return BatchEntry(work.place.seq_id, step.tokens, step.pos, step.logits)
-
-    @staticmethod
-    def _prefill_left_s(profile: CostProfile | None, seq: Sequence) -> float | None:
-        """The predicted rest of a prompt's evaluation: a prefill that cannot end before its
-        deadline stops at this chunk boundary instead of running on."""
-        if profile is None:
-            return None
-        left = len(seq.pending)
-        return (prefill_ms(profile, seq.n_past + left) - prefill_ms(profile, seq.n_past)) / 1000
 
     def _apply(self, lane: Lane, members: list[Work], sampled: dict[int, int], now: float,
                elapsed_s: float) -> None:
@@ -550,6 +587,11 @@ class Stepper:
         if work.joined is not None:
             result.queue_ms = (work.joined - work.submitted) * 1000
         work.generation._emit_end(result)
+
+
+def _input_s(profile: CostProfile, seq: Sequence, n_tokens: int) -> float:
+    """The predicted cost of evaluating the next `n_tokens` of a sequence's pending input."""
+    return (prefill_ms(profile, seq.n_past + n_tokens) - prefill_ms(profile, seq.n_past)) / 1000
 
 
 def _deadline_ms(work: Work, now: float) -> float | None:

@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from edgeserve.routing.batching import Board, SeqLoad, Timeline, VariantLoad, fit_budget, most_urgent
+from edgeserve.routing.batching import (
+    Board,
+    LoadMeter,
+    SeqLoad,
+    Timeline,
+    VariantLoad,
+    fit_budget,
+    most_urgent,
+)
 from edgeserve.routing.costs import CostProfile, step_ms, width_factor
 
 
@@ -300,3 +308,54 @@ def test_join_width_holds_a_waiting_sequence_until_the_batch_narrows() -> None:
     ])
     timeline.run()
     assert timeline.start_ms[3] == pytest.approx(100)  # when seq 1 left, not at once
+
+
+# ---- recent load ------------------------------------------------------------------------------
+
+
+def test_load_meter_averages_the_running_count_over_time_and_fades_when_idle() -> None:
+    meter = LoadMeter(half_life_ms=1000)
+    assert meter.value(0) == 0.0
+    meter.observe(0, 4)
+    assert meter.value(1000) == pytest.approx(2.0)  # half way from 0 to 4 after one half-life
+    assert meter.value(10_000) == pytest.approx(4.0, abs=0.01)
+    meter.observe(10_000, 0)
+    assert meter.value(11_000) == pytest.approx(2.0, abs=0.01)
+    assert meter.value(30_000) < 0.01
+
+
+def test_a_busy_variant_prices_a_lone_newcomer_at_its_recent_width() -> None:
+    quiet = Board({"f:q8_0": VariantLoad(profile(), parallel=4)})
+    busy = Board({"f:q8_0": VariantLoad(profile(), parallel=4, load=3.6)})
+    assert busy.variants["f:q8_0"].priced_width(1) == pytest.approx(3.6)
+    assert busy.variants["f:q8_0"].priced_width(4) == 4.0
+    assert VariantLoad(profile(), parallel=2, load=3.6).priced_width(1) == 2.0  # never above parallel
+    alone = fit_budget(quiet, "f:q8_0", 20, cap=500, minimum=4, available_ms=1000)
+    loaded = fit_budget(busy, "f:q8_0", 20, cap=500, minimum=4, available_ms=1000)
+    assert alone is not None and loaded is not None
+    assert alone.tokens == 99  # 20 ms prefill + 98 steps of 10 ms
+    assert loaded.tokens < alone.tokens and loaded.finish_ms <= 1000
+    # priced at width 3.6 (factor 1.5 + 0.125 × ... between 2 and 4: 1.2 + 0.15 × 1.6 = 1.44)
+    assert loaded.finish_ms == pytest.approx(20 + (loaded.tokens - 1) * 10 * 1.44)
+
+
+def test_the_promise_to_admitted_sequences_is_kept_against_the_board_as_it_stands() -> None:
+    # priced at the recent load, the running sequence would already miss; on the board as it
+    # stands it is on time, so the newcomer must still not make it miss
+    running = (SeqLoad(1, "f:q8_0", tokens_left=100, context=10, deadline_ms=1100),)
+    busy = Board({"f:q8_0": VariantLoad(profile(), parallel=4, load=4.0)}, running)
+    fit = fit_budget(busy, "f:q8_0", 10, cap=500, minimum=4, available_ms=5000)
+    assert fit is not None
+    plain = Board({"f:q8_0": VariantLoad(profile(), parallel=4)}, running)
+    finishes = plain.finishes([SeqLoad(-1, "f:q8_0", fit.tokens, prompt_left=10, running=False,
+                                       join_width=fit.join_width)])
+    assert finishes[1] <= 1100
+
+
+def test_the_timelines_board_carries_the_load_it_ran() -> None:
+    timeline = Timeline({"f:q8_0": VariantLoad(profile(), parallel=4)})
+    for k in range(4):
+        timeline.add(SeqLoad(k, "f:q8_0", tokens_left=400, context=5))
+    timeline.advance_to(3000)
+    # 4 running since 0 ms, faded in from nothing with a 2 s half-life
+    assert timeline.board().variants["f:q8_0"].load == pytest.approx(4 * (1 - 0.5 ** 1.5), rel=1e-3)

@@ -171,12 +171,21 @@ def test_the_deadline_stops_before_a_step_that_would_overrun_it() -> None:
     assert now < limit
 
 
-def test_the_callers_prediction_for_the_batch_replaces_the_history() -> None:
+def test_the_callers_prediction_for_the_step_counts_when_it_is_slower_than_the_history() -> None:
     seq = sequence(deadline_at=1.0)
     steps(seq, [0.01, 0.01])
     assert seq.before_step(0.5, step_s=0.4)
+    assert not seq.fits(0.5, step_s=0.48)
     assert not seq.before_step(0.5, step_s=0.48)
     assert seq.finish == "deadline"
+
+
+def test_a_faster_prediction_does_not_hide_slow_recent_steps() -> None:
+    # the intervals between its tokens include other variants' steps: they still count
+    seq = sequence(deadline_at=1.0)
+    steps(seq, [0.01, 0.2])
+    assert seq.expected_step_s(0.05) == pytest.approx(0.2)
+    assert not seq.before_step(1.0 - 0.2 - TAIL_RESERVE_S + 1e-6, step_s=0.05)
 
 
 def test_a_deadline_already_missed_stops_before_the_prefill() -> None:

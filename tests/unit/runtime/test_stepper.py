@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 import pytest
 
 from edgeserve.errors import GenerationFailedError, RefusedError
+from edgeserve.routing.costs import CostProfile
 from edgeserve.runtime.decoder import BatchEntry
 from edgeserve.runtime.generation import Generation
 from edgeserve.runtime.sequence import GenerationJob, SamplingParams
@@ -316,3 +317,53 @@ async def test_join_width_holds_a_request_until_the_batch_narrows(stepper: Stepp
     await running.text()
     assert held.result is not None and held.result.mean_batch == 1.0  # it never shared a step
     assert max(decoder.widths()) == 1
+
+
+class TimedDecoder(FakeDecoder):
+    """A fake decoder on a fake clock: a step costs 10 ms plus 2 ms per token of a multi-token
+    entry (a prompt chunk). When the clock first passes `pause_ms` it stops after the step until
+    `release` is set (so a test can submit at a known moment)."""
+
+    def __init__(self, pause_ms: int) -> None:
+        super().__init__()
+        self.ms = 0
+        self.pause_ms = pause_ms
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.ends: list[tuple[int, list[int]]] = []  # (clock at the step's end, its sequence ids)
+
+    def clock(self) -> float:
+        return self.ms / 1000
+
+    def step(self, entries: Sequence[BatchEntry]) -> dict[int, int]:
+        out = super().step(entries)
+        self.ms += 10 + 2 * sum(len(e.tokens) for e in entries if len(e.tokens) > 1)
+        self.ends.append((self.ms, [e.seq_id for e in entries]))
+        if self.ms >= self.pause_ms and not self.reached.is_set():
+            self.reached.set()
+            self.release.wait(5)
+        return out
+
+
+async def test_a_prompt_chunk_waits_a_step_rather_than_push_a_stream_past_its_deadline() -> None:
+    decoder = TimedDecoder(pause_ms=450)
+    stepper = Stepper(chunk_tokens=8, clock=decoder.clock)
+    profile = CostProfile(variant_id="f:a", prefill_ms_per_token=2.0, decode_ms_per_token=10.0)
+    stepper.attach("f:a", decoder, parallel=2, profile=lambda: profile)
+    try:
+        stream = submit(stepper, "f:a", job([1], 1000, deadline_at=0.5))  # place 0
+        await asyncio.to_thread(decoder.reached.wait, 5)
+        paused_at = len(decoder.ends)
+        newcomer = submit(stepper, "f:a", job([2] * 40, 3))  # 5 chunks of 8 prompt tokens
+        decoder.release.set()
+        await stream.text()
+        assert await newcomer.text() == expected_text([2] * 40, 3)
+    finally:
+        stepper.close()
+    assert stream.result is not None and stream.result.finish == "deadline"
+    # every step the stream took part in ended in time for its deadline (less the tail reserve)
+    assert max(end for end, ids in decoder.ends if 0 in ids) <= 500 - 25
+    # near its deadline the stream stepped alone while the newcomer's prompt waited
+    after = decoder.ends[paused_at:]
+    alone = [end for end, ids in after if ids == [0]]
+    assert alone and min(end for end, ids in after if 1 in ids) > max(alone)
