@@ -20,7 +20,7 @@ from edgeserve.errors import (
     RefusedError,
 )
 from edgeserve.pipeline.request import InferenceRequest
-from edgeserve.routing.costs import predict_ms
+from edgeserve.routing.costs import predict_ms, prefill_ms
 from edgeserve.routing.hints import apply_style_and_hint, hint_tokens_for
 from edgeserve.routing.policy import Decision, Refusal, RoutingRequest, VariantCandidate, choose
 from edgeserve.routing.policy_file import PolicyFile
@@ -135,7 +135,9 @@ def _forcing(variant: Variant, request: InferenceRequest, policy: PolicyFile) ->
     if not enabled or request.messages is None or not variant.answer_forcing:
         return None
     prefix = tuple(variant.tokenize(config.prefix, chat=True))
-    return AnswerForcing(prefix, config.prefix, config.reserve_tokens)
+    profile = variant.profile
+    prefix_ms = 0.0 if profile is None else prefill_ms(profile, len(prefix)) - profile.prefill_fixed_ms
+    return AnswerForcing(prefix, config.prefix, config.reserve_tokens, prefix_s=prefix_ms / 1000)
 
 
 def _min_run_ms(variant: Variant, job: GenerationJob, load_ms: float, policy: PolicyFile) -> float:

@@ -47,12 +47,19 @@ class SamplingParams:
 @dataclass(frozen=True)
 class AnswerForcing:
     """When only `reserve` tokens of the budget are left and `marker` has not appeared, feed
-    `prefix` (for example "\\nFinal answer: \\boxed{") so the model closes an answer in time."""
+    `prefix` (for example "\\nFinal answer: \\boxed{") so the model closes an answer in time.
+
+    Time counts as well as tokens: with a deadline, the prefix is fed as soon as waiting one
+    more step would leave too little time to evaluate it (`prefix_s`, predicted from the cost
+    profile) and sample `reserve` tokens after it at the pace of the recent steps, so a
+    generation that runs slower than predicted still closes its answer before the deadline
+    instead of being cut inside it."""
 
     prefix_tokens: tuple[int, ...]
     prefix_text: str
     reserve: int
     marker: str = "\\boxed{"
+    prefix_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -246,7 +253,7 @@ class Sequence:
         if self._open_braces:
             text, self._open_braces = until_closed(text, self._open_braces)
             closed = not self._open_braces
-        text = self._maybe_force(text)
+        text = self._maybe_force(text, now)
         released = self._stops.feed(text)
         if released:
             self.pieces.append(released)
@@ -255,14 +262,15 @@ class Sequence:
         elif self.n_generated >= self.max_tokens:
             self.end("length")
 
-    def _maybe_force(self, text: str) -> str:
+    def _maybe_force(self, text: str, now: float) -> str:
         forcing = self._forcing
         if forcing is None:
             return text
         self._window = (self._window + text)[-64:]
         if forcing.marker in self._window:
             self._forcing = None
-        elif self.max_tokens - self.n_generated - len(forcing.prefix_tokens) <= forcing.reserve:
+        elif (self.max_tokens - self.n_generated - len(forcing.prefix_tokens) <= forcing.reserve
+              or self._short_of_time(forcing, now)):
             self._pending.extend(forcing.prefix_tokens)
             self._n_forced = len(forcing.prefix_tokens)
             self.n_generated += len(forcing.prefix_tokens)
@@ -270,6 +278,16 @@ class Sequence:
             self._open_braces = forcing_depth(forcing)
             text += forcing.prefix_text
         return text
+
+    def _short_of_time(self, forcing: AnswerForcing, now: float) -> bool:
+        """Whether, after one more ordinary step, the prefix and `reserve` tokens after it would
+        no longer fit before the deadline (at the pace of the recent steps)."""
+        deadline = self.job.deadline_at
+        if deadline is None:
+            return False
+        step_s = self.expected_step_s()
+        needed = step_s + forcing.prefix_s + step_s * (forcing.reserve + 1) + TAIL_RESERVE_S
+        return now + needed > deadline
 
     def end(self, finish: Finish) -> None:
         """End now (the rules above call it; so may the loop, e.g. "cancelled" on shutdown)."""

@@ -279,6 +279,32 @@ def test_forcing_that_overruns_the_budget_ends_with_length() -> None:
     assert seq.finish == "length" and seq.n_generated == 4
 
 
+def test_forcing_comes_early_when_the_deadline_is_nearer_than_the_tokens_left() -> None:
+    # 100 tokens of budget, but a token every 100 ms and a deadline at 1 s: waiting for the
+    # token reserve would run into the deadline. After the token at 0.6 s, one more ordinary
+    # step, the prefix step (100 ms + 50 ms for the prefix) and two tokens would end past
+    # 1 s - 25 ms, so the prefix goes in now and the answer closes at 0.75 s.
+    forcing = AnswerForcing(prefix_tokens=(7, 8, 9), prefix_text="\\boxed{", reserve=2, prefix_s=0.05)
+    seq = sequence(max_tokens=100, forcing=forcing, deadline_at=1.0)
+    now, forced_at = 0.0, None
+    while not seq.finished and seq.before_step(now):
+        step = seq.take_input()
+        now += 0.1 + (0.05 if seq.forced or len(step.tokens) == 4 else 0.0)
+        seq.on_token(60, b"2}" if forced_at is not None else b" w", eog=False, now=now)
+        if forced_at is None and seq.forced:
+            forced_at = now
+    assert forced_at == pytest.approx(0.6)
+    assert seq.finish == "stop" and now == pytest.approx(0.75)
+    assert "".join(seq.drain()).endswith(" w\\boxed{2}")
+
+
+def test_forcing_without_a_deadline_waits_for_the_token_reserve() -> None:
+    forcing = AnswerForcing(prefix_tokens=(7, 8, 9), prefix_text="\\boxed{", reserve=2, prefix_s=10.0)
+    seq = sequence(max_tokens=10, forcing=forcing)
+    run(seq, [b"w"] * 4, step_s=5.0)
+    assert seq.forced == ()
+
+
 def test_forcing_helpers() -> None:
     assert forcing_depth(None) == 0
     assert forcing_depth(BOXED) == 1
