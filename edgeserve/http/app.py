@@ -27,7 +27,14 @@ from edgeserve.errors import EdgeserveError, GenerationFailedError
 from edgeserve.http.auth import api_key_guard
 from edgeserve.http.errors import error_frame, handle_domain_error, handle_http_exception, handle_unexpected
 from edgeserve.http.openapi import add_request_schemas, operation_with_body
-from edgeserve.http.parse import parse_chat, parse_completion, parse_deadline_ms, parse_name, parse_switch
+from edgeserve.http.parse import (
+    parse_chat,
+    parse_completion,
+    parse_deadline_ms,
+    parse_forcing,
+    parse_name,
+    parse_switch,
+)
 from edgeserve.http.responses import DONE, ChunkEncoder, CompletionContext, full_body
 from edgeserve.http.schemas import ModelCard, ModelList
 from edgeserve.logging import get_logger
@@ -73,7 +80,7 @@ async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stre
 
 def _with_headers(request: Request[Any, Any, Any], domain: InferenceRequest, arrived: float) -> InferenceRequest:
     """X-Deadline-Ms (ms from arrival), X-Budget-Hint (on|off), X-Prompt-Style (a style of the
-    family's policy: checked by admission), X-Answer-Forcing (on|off)."""
+    family's policy, or auto: checked by admission), X-Answer-Forcing (on|off|auto)."""
     headers = request.headers
     return replace(
         domain,
@@ -81,7 +88,7 @@ def _with_headers(request: Request[Any, Any, Any], domain: InferenceRequest, arr
         deadline_ms=parse_deadline_ms(headers.get("x-deadline-ms"), request.app.state.default_deadline_ms),
         hint=parse_switch(headers.get("x-budget-hint"), "X-Budget-Hint"),
         style=parse_name(headers.get("x-prompt-style")),
-        answer_forcing=parse_switch(headers.get("x-answer-forcing"), "X-Answer-Forcing"),
+        answer_forcing=parse_forcing(headers.get("x-answer-forcing")),
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import msgspec
 
@@ -116,6 +116,21 @@ def parse_switch(value: str | None, header: str) -> bool | None:
     if text not in ("on", "off"):
         raise InvalidRequestError(f"Header {header} must be 'on' or 'off', got {value[:40]!r}.", param=header)
     return text == "on"
+
+
+def parse_forcing(value: str | None) -> Literal["on", "off", "auto"] | None:
+    """X-Answer-Forcing: on, off, or auto (the router decides from the measured curves)."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if text == "on":
+        return "on"
+    if text == "off":
+        return "off"
+    if text == "auto":
+        return "auto"
+    raise InvalidRequestError(f"Header X-Answer-Forcing must be 'on', 'off' or 'auto', got {value[:40]!r}.",
+                              param="X-Answer-Forcing")
 
 
 def parse_name(value: str | None) -> str | None:

@@ -101,6 +101,8 @@ def info_of(ctx: CompletionContext, result: GenerationResult) -> EdgeserveInfo:
         hint_tokens=decision.hint_tokens,
         finish=result.finish,
         reason=decision.reason,
+        style=ctx.admission.style,
+        answer_forcing=ctx.admission.job.forcing is not None,
     )
 
 

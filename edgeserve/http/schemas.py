@@ -115,6 +115,8 @@ class EdgeserveInfo(msgspec.Struct):
     hint_tokens: int | None
     finish: str
     reason: str
+    style: str | None = None  # the style instruction added to the prompt (None: none)
+    answer_forcing: bool = False  # whether the answer was forced when the budget or time ran short
 
 
 class AssistantMessage(msgspec.Struct):

@@ -30,6 +30,8 @@ from edgeserve.runtime.sequence import AnswerForcing, GenerationJob
 from edgeserve.runtime.variant import Prompt, Variant
 from edgeserve.variant_id import VariantId
 
+AUTO = "auto"  # X-Prompt-Style / X-Answer-Forcing: the router chooses from the measured curves
+
 
 @dataclass(frozen=True)
 class Admission:
@@ -41,6 +43,7 @@ class Admission:
     decision: Decision
     load_ms: float = 0.0  # of decision.predicted_ms, the predicted time to load the variant first
     min_run_ms: float = 0.0  # prefill and the policy's minimum useful tokens (and the load)
+    style: str | None = None  # the style instruction added to the prompt (None: none)
 
     @property
     def variant_id(self) -> VariantId:
@@ -67,27 +70,39 @@ class Admitter:
         probe = self.catalog[target.tokenizer_id]
         hint_on = self._hint_on(request, policy)
         first_hint = hint_tokens_for(request.max_tokens or probe.n_ctx, policy) if hint_on else None
-        prompt = await asyncio.to_thread(_shape, probe, request, first_hint, policy)
+        styles = self._style_choices(request, policy, target)
+        style = styles[0] if styles else request.style
+        prompt = await asyncio.to_thread(_shape, probe, request, style, first_hint, policy)
         if not prompt.tokens:  # llama.cpp cannot decode zero tokens
             raise InvalidRequestError("The prompt is empty; send at least one character of text.",
                                       param="prompt")
+        style_tokens = {style: len(prompt.tokens)} if style is not None else {}
+        for other in styles[1:]:  # X-Prompt-Style: auto; each style's instruction has its own length
+            style_tokens[other] = len((await asyncio.to_thread(_shape, probe, request, other, first_hint,
+                                                               policy)).tokens)
         candidates = [self.catalog[vid].candidate() for vid in target.ids]
-        decision = self.decide(request, target, len(prompt.tokens), probe.n_ctx, hint_on, candidates, policy)
+        decision = self.decide(request, target, len(prompt.tokens), probe.n_ctx, hint_on, candidates, policy,
+                               styles, style_tokens)
         if isinstance(decision, Refusal):
             raise _refusal_error(decision, len(prompt.tokens), probe, request.param)
         variant = self.catalog[VariantId.parse(decision.variant_id)]
-        if variant.shaped_by != prompt.shaped_by or decision.hint_tokens != prompt.hint_tokens:
-            prompt = await asyncio.to_thread(_shape, variant, request, decision.hint_tokens, policy)
+        chosen_style = decision.style if styles else request.style
+        if (variant.shaped_by != prompt.shaped_by or decision.hint_tokens != prompt.hint_tokens
+                or chosen_style != style):
+            prompt = await asyncio.to_thread(_shape, variant, request, chosen_style, decision.hint_tokens, policy)
         if len(prompt.tokens) + 1 > variant.n_ctx:
             raise ContextLengthExceededError(len(prompt.tokens), variant.n_ctx, str(variant.id), request.param)
+        forcing = _forcing(variant, policy) if decision.forcing and request.messages is not None else None
         job = GenerationJob(prompt.tokens, min(decision.max_tokens, variant.n_ctx - len(prompt.tokens)),
                             request.sampling, request.stop, deadline_at=request.deadline_at,
-                            forcing=_forcing(variant, request, policy), join_width=decision.join_width)
+                            forcing=forcing, join_width=decision.join_width)
         load_ms = next(c.load_ms for c in candidates if c.variant_id == decision.variant_id)
-        return Admission(variant, prompt, job, decision, load_ms, _min_run_ms(variant, job, load_ms, policy))
+        return Admission(variant, prompt, job, decision, load_ms, _min_run_ms(variant, job, load_ms, policy),
+                         chosen_style)
 
     def decide(self, request: InferenceRequest, target: Target, prompt_tokens: int, probe_n_ctx: int,
-               hint_on: bool, candidates: list[VariantCandidate], policy: PolicyFile) -> Decision | Refusal:
+               hint_on: bool, candidates: list[VariantCandidate], policy: PolicyFile,
+               styles: tuple[str, ...] = (), style_tokens: Mapping[str, int] | None = None) -> Decision | Refusal:
         """THE routing decision: the family's candidates as they are now (profiles, availability,
         load times), the time left of the deadline and what the stepping loop runs and holds
         (the board: a local variant is judged by when the newcomer and everyone already admitted
@@ -98,18 +113,30 @@ class Admitter:
             requested_max_tokens=request.max_tokens or max(1, probe_n_ctx - prompt_tokens),
             deadline_ms=None if request.deadline_ms is None else request.deadline_ms - spent_ms,
             pinned=None if target.pinned_id is None else str(target.pinned_id),
-            style=request.style,
+            style=None if styles else request.style,
             hint=hint_on,
+            style_choices=styles,
+            style_prompt_tokens=dict(style_tokens or {}),
+            forcing=_forcing_choice(request, policy),
         )
         return choose(routing, candidates, policy, 0.0, self.catalog.board())
 
     @staticmethod
+    def _style_choices(request: InferenceRequest, policy: PolicyFile, target: Target) -> tuple[str, ...]:
+        """X-Prompt-Style: auto on a chat request: the styles the family's curves cover (the
+        default first); otherwise none (the request's own style, or no instruction)."""
+        if request.style != AUTO or request.messages is None:
+            return ()
+        names = [v.name for v in target.family.variants]
+        return tuple(policy.measured_styles(names))
+
+    @staticmethod
     def _check_style(request: InferenceRequest, policy: PolicyFile) -> None:
         """X-Prompt-Style names a style of the family's policy."""
-        if request.style is not None and request.style not in policy.styles:
+        if request.style is not None and request.style != AUTO and request.style not in policy.styles:
             raise InvalidRequestError(
-                f"Header X-Prompt-Style must be one of {', '.join(policy.styles)}, got {request.style[:40]!r}.",
-                param="X-Prompt-Style")
+                f"Header X-Prompt-Style must be one of {', '.join(policy.styles)} or {AUTO}, "
+                f"got {request.style[:40]!r}.", param="X-Prompt-Style")
 
     @staticmethod
     def _hint_on(request: InferenceRequest, policy: PolicyFile) -> bool:
@@ -121,18 +148,28 @@ class Admitter:
         return policy.hint.enabled and request.deadline_ms is not None and request.messages is not None
 
 
-def _shape(variant: Variant, request: InferenceRequest, hint_tokens: int | None, policy: PolicyFile) -> Prompt:
+def _shape(variant: Variant, request: InferenceRequest, style: str | None, hint_tokens: int | None,
+           policy: PolicyFile) -> Prompt:
     """The prompt with the style instruction and the budget hint, as ``variant`` sees it."""
     messages = None
     if request.messages is not None:
-        messages = apply_style_and_hint(request.messages, request.style, hint_tokens, policy)
+        messages = apply_style_and_hint(request.messages, style, hint_tokens, policy)
     return replace(variant.prompt(messages, request.prompt), hint_tokens=hint_tokens)
 
 
-def _forcing(variant: Variant, request: InferenceRequest, policy: PolicyFile) -> AnswerForcing | None:
+def _forcing_choice(request: InferenceRequest, policy: PolicyFile) -> bool | None:
+    """Answer forcing for routing: as X-Answer-Forcing says; without it, the policy's `auto`
+    (None: the router decides from the curves) or its `enabled`. Only chat requests are forced."""
+    if request.messages is None:
+        return False
+    if request.answer_forcing is not None:
+        return None if request.answer_forcing == AUTO else request.answer_forcing == "on"
+    return None if policy.answer_forcing.auto else policy.answer_forcing.enabled
+
+
+def _forcing(variant: Variant, policy: PolicyFile) -> AnswerForcing | None:
     config = policy.answer_forcing
-    enabled = config.enabled if request.answer_forcing is None else request.answer_forcing
-    if not enabled or request.messages is None or not variant.answer_forcing:
+    if not variant.answer_forcing:
         return None
     prefix = tuple(variant.tokenize(config.prefix, chat=True))
     profile = variant.profile

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from edgeserve.runtime.sequence import SamplingParams
 
@@ -20,8 +21,8 @@ class InferenceRequest:
     stop: tuple[str, ...] = ()
     deadline_ms: int | None = None
     hint: bool | None = None  # None: the policy's default, when the budget means something
-    style: str | None = None  # a prompt style of the family's policy file (boxed, aav) or none
-    answer_forcing: bool | None = None  # None: the policy's setting
+    style: str | None = None  # a prompt style of the family's policy (boxed, aav), `auto`, or none
+    answer_forcing: Literal["on", "off", "auto"] | None = None  # None: the policy's setting
     arrived: float = field(default_factory=time.perf_counter)
 
     @property

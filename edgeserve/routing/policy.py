@@ -37,6 +37,11 @@ class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
     ``requested_max_tokens`` None → the policy's default; ``deadline_ms`` (from arrival) None →
     best quality; ``pinned`` is a variant_id; ``style`` None → the policy's default style;
     ``hint`` None → the policy's ``hint.enabled`` (X-Budget-Hint overrides it).
+
+    ``style_choices`` (X-Prompt-Style: auto): the router picks the style among these, the first
+    winning ties; ``style_prompt_tokens`` gives the prompt's length shaped with each of them
+    (``prompt_tokens`` for any not listed). ``forcing``: answer forcing on or off; None lets
+    the router turn it on where a measured ``<style>-forced`` curve beats the plain one.
     """
 
     prompt_tokens: int
@@ -45,6 +50,9 @@ class RoutingRequest(msgspec.Struct, frozen=True, kw_only=True):
     pinned: str | None = None
     style: str | None = None
     hint: bool | None = None
+    style_choices: tuple[str, ...] = ()
+    style_prompt_tokens: dict[str, int] = {}
+    forcing: bool | None = False
 
 
 class VariantCandidate(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,6 +89,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     deadline_ms: float | None
     queue_wait_ms: float
     join_width: int | None = None  # batched: join only a batch narrower than this (None: at once)
+    forcing: bool = False  # answer forcing (the request's, or the router's choice)
 
 
 class Refusal(msgspec.Struct, frozen=True, kw_only=True):
@@ -103,6 +112,8 @@ class _Option(msgspec.Struct, frozen=True):
     limit: str | None  # what capped the budget, if not the deadline
     wait_ms: float = 0.0  # before it starts: the queue, or when it joins its batch
     join_width: int | None = None
+    style: str = ""
+    forcing: bool = False
 
 
 def safety_margin_ms(deadline_ms: float, policy: PolicyFile) -> float:
@@ -179,33 +190,21 @@ def choose(
             code="context_length_exceeded",
         )
 
+    styles = request.style_choices or (style,)
     options: list[_Option] = []
     for c in fitting:
-        if board is not None and c.variant_id in board.variants:
-            option = _batched_option(c, board, request, policy, max_tokens, style, hint_on)
-            if option is not None:
-                options.append(option)
-            continue
-        wait = _wait(c, queue)
-        avail = math.inf if deadline is None else available_ms(deadline, wait, policy)
-        avail -= c.load_ms
-        cap = min(max_tokens, c.n_ctx - prompt)
-        minimum = min(policy.routing.min_useful_tokens, cap)
-        budget = cap if math.isinf(avail) else max_new_tokens_within(c.profile, prompt, avail, limit=cap)
-        predicted = c.load_ms + predict_ms(c.profile, prompt, budget)
-        while deadline is not None and budget > 0 and predicted + wait > deadline:
-            budget -= 1  # float rounding guard for the invariant; practically never runs
-            predicted = c.load_ms + predict_ms(c.profile, prompt, budget)
-        if budget < minimum:
-            continue
-        curve = policy.curve_for(c.name, style, hint_on)
-        accuracy = curve.accuracy(budget) if curve is not None else 0.0
-        limit = None
-        if budget == max_tokens:
-            limit = "max_tokens"
-        elif budget == c.n_ctx - prompt:
-            limit = "the context"
-        options.append(_Option(c, budget, accuracy, predicted, limit, wait))
+        choices: list[_Option] = []
+        for name in styles:
+            timing = _timing(c, request.style_prompt_tokens.get(name, prompt), board, policy, deadline,
+                             queue, max_tokens)
+            if timing is None:
+                continue
+            for forcing in _forcings(request, policy, c.name, name, hint_on):
+                curve = policy.curve_for(c.name, name, hint_on, forced=forcing)
+                accuracy = curve.accuracy(timing.budget) if curve is not None else 0.0
+                choices.append(msgspec.structs.replace(timing, accuracy=accuracy, style=name, forcing=forcing))
+        if choices:
+            options.append(_preferred(choices))
 
     if not options:
         assert deadline is not None  # without a deadline every fitting variant is an option
@@ -226,33 +225,75 @@ def choose(
         hint_tokens=hint_tokens_for(best.budget, policy) if hint_on else None,
         predicted_ms=best.predicted_ms,
         expected_accuracy=best.accuracy,
-        reason=_reason(best, options, request, policy, best.wait_ms, style, hint_on, excluded),
-        style=style,
+        reason=_reason(best, options, request, policy, best.wait_ms, hint_on, excluded),
+        style=best.style,
         deadline_ms=deadline,
         queue_wait_ms=best.wait_ms,
         join_width=best.join_width,
+        forcing=best.forcing,
     )
 
 
-def _batched_option(c: VariantCandidate, board: Board, request: RoutingRequest, policy: PolicyFile,
-                    max_tokens: int, style: str, hint_on: bool) -> _Option | None:
-    prompt = max(request.prompt_tokens, 0)
-    deadline = request.deadline_ms
+def _forcings(request: RoutingRequest, policy: PolicyFile, variant: str, style: str, hint_on: bool) -> tuple[bool, ...]:
+    """Forcing as asked, or (None: the router's choice) off, and on where it was measured."""
+    if request.forcing is not None:
+        return (request.forcing,)
+    return (False, True) if policy.has_forced_curve(variant, style, hint_on) else (False,)
+
+
+def _preferred(choices: list[_Option]) -> _Option:
+    """One variant's best style and forcing: a later choice must promise more (the first, the
+    request's default style without forcing, wins ties: same cost, nothing measured better)."""
+    best = choices[0]
+    for choice in choices[1:]:
+        if choice.accuracy > best.accuracy + TIE_EPSILON:
+            best = choice
+    return best
+
+
+def _timing(c: VariantCandidate, prompt: int, board: Board | None, policy: PolicyFile,
+            deadline: float | None, queue: float, max_tokens: int) -> _Option | None:
+    """The candidate's budget and predicted time for a prompt of `prompt` tokens (accuracy not
+    yet filled in); None when not even the policy's useful minimum fits."""
+    if c.n_ctx - prompt < 1:
+        return None
+    if board is not None and c.variant_id in board.variants:
+        return _batched_option(c, board, prompt, deadline, policy, max_tokens)
+    wait = _wait(c, queue)
+    avail = math.inf if deadline is None else available_ms(deadline, wait, policy)
+    avail -= c.load_ms
+    cap = min(max_tokens, c.n_ctx - prompt)
+    minimum = min(policy.routing.min_useful_tokens, cap)
+    budget = cap if math.isinf(avail) else max_new_tokens_within(c.profile, prompt, avail, limit=cap)
+    predicted = c.load_ms + predict_ms(c.profile, prompt, budget)
+    while deadline is not None and budget > 0 and predicted + wait > deadline:
+        budget -= 1  # float rounding guard for the invariant; practically never runs
+        predicted = c.load_ms + predict_ms(c.profile, prompt, budget)
+    if budget < minimum:
+        return None
+    limit = None
+    if budget == max_tokens:
+        limit = "max_tokens"
+    elif budget == c.n_ctx - prompt:
+        limit = "the context"
+    return _Option(c, budget, 0.0, predicted, limit, wait)
+
+
+def _batched_option(c: VariantCandidate, board: Board, prompt: int, deadline: float | None,
+                    policy: PolicyFile, max_tokens: int) -> _Option | None:
     avail = math.inf if deadline is None else deadline - safety_margin_ms(deadline, policy) - c.load_ms
     cap = min(max_tokens, c.n_ctx - prompt)
     minimum = min(policy.routing.min_useful_tokens, cap)
     fit = fit_budget(board, c.variant_id, prompt, cap, minimum, avail)
     if fit is None:
         return None
-    curve = policy.curve_for(c.name, style, hint_on)
-    accuracy = curve.accuracy(fit.tokens) if curve is not None else 0.0
     limit = fit.blocked_by
     if fit.tokens == max_tokens:
         limit = "max_tokens"
     elif fit.tokens == c.n_ctx - prompt:
         limit = "the context"
     predicted = c.load_ms + fit.finish_ms - fit.start_ms
-    return _Option(c, fit.tokens, accuracy, predicted, limit, fit.start_ms, fit.join_width)
+    return _Option(c, fit.tokens, 0.0, predicted, limit, fit.start_ms, fit.join_width)
 
 
 def _board_wait(board: Board | None) -> float:
@@ -271,13 +312,20 @@ def _excluded(candidate: VariantCandidate) -> str:
 
 
 def _reason(best: _Option, options: list[_Option], request: RoutingRequest, policy: PolicyFile,
-            queue: float, style: str, hint_on: bool, excluded: list[VariantCandidate]) -> str:
+            queue: float, hint_on: bool, excluded: list[VariantCandidate]) -> str:
     name = best.candidate.name
     pinned = "pinned " if request.pinned is not None else ""
-    if policy.curve_for(name, style, hint_on) is None:
+    if policy.curve_for(name, best.style, hint_on, forced=best.forcing) is None:
         head = f"{pinned}{name}: no quality curve, {best.budget} tokens"
     else:
         head = f"{pinned}{name}: {best.accuracy:.2f} expected accuracy at {best.budget} tokens"
+    choice = []
+    if len(request.style_choices) > 1:
+        choice.append(f"style {best.style}")
+    if request.forcing is None and policy.has_forced_curve(name, best.style, hint_on):
+        choice.append("answer forcing " + ("on" if best.forcing else "off"))
+    if choice:
+        head += f" ({', '.join(choice)}: chosen by the curves)"
     deadline = request.deadline_ms
     if deadline is None:
         text = f"{head} in {format_ms(best.predicted_ms)} (no deadline)"

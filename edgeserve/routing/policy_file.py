@@ -37,13 +37,18 @@ reading the files (``load_policy``) and finding each family's policy at start-up
     unlimited = 0.709
 
     [curves.q8_0.boxed-nohint]       # optional: the same style measured with the hint off
+    [curves.q8_0.boxed-forced]       # optional: measured with answer forcing on (hint on)
 
-A curve keyed by a style is measured with the budget hint on; ``<style>-nohint`` with it off.
+A curve keyed by a style is measured with the budget hint on; ``<style>-nohint`` with it off;
+``-forced`` after either: with answer forcing on. Where a forced curve exists, a request that
+leaves forcing to the router (``answer_forcing.auto``, or X-Answer-Forcing: auto) gets forcing
+exactly when that curve promises more at its budget.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
@@ -55,6 +60,7 @@ if TYPE_CHECKING:  # a type only: the routing layer does not import the server's
     from edgeserve.config import FamilyConfig
 
 NOHINT_SUFFIX = "-nohint"
+FORCED_SUFFIX = "-forced"
 DEFAULT_HINT_TEMPLATE = "You MUST respond in **UNDER {n} tokens**"
 StyleName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]*$", max_length=32)]
 
@@ -77,9 +83,12 @@ class StyleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froz
 
 
 class AnswerForcingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """When ``reserve_tokens`` remain and no final answer has appeared, append ``prefix``."""
+    """When ``reserve_tokens`` remain (or time runs short) and no final answer has appeared,
+    append ``prefix``. ``enabled``: the default of a request that does not say; ``auto``: the
+    router decides per request from the ``-forced`` curves instead (X-Answer-Forcing overrides)."""
 
     enabled: bool = False
+    auto: bool = False
     reserve_tokens: Annotated[int, msgspec.Meta(ge=1)] = 24
     prefix: str = "\nFinal answer: \\boxed{"
 
@@ -119,21 +128,36 @@ class PolicyFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froze
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     curves: dict[str, dict[str, QualityCurve]] = msgspec.field(default_factory=dict)
 
-    def curve_for(self, variant_name: str, style: str | None, hint: bool) -> QualityCurve | None:
-        """The curve that best describes this variant for this style and hint setting.
+    def curve_for(self, variant_name: str, style: str | None, hint: bool, *,
+                  forced: bool = False) -> QualityCurve | None:
+        """The curve that best describes this variant for this style, hint and forcing setting.
 
         Order: the style as asked (hint on: ``style`` then ``style-nohint``; hint off: the
-        reverse), then the same for ``default_style``. None when the variant has no curve at all.
+        reverse; forced: the ``-forced`` ones of these first), then the same for
+        ``default_style``. None when the variant has no curve at all.
         """
         by_style = self.curves.get(variant_name)
         if not by_style:
             return None
         for name in dict.fromkeys((style or self.default_style, self.default_style)):
-            keys = (name, name + NOHINT_SUFFIX) if hint else (name + NOHINT_SUFFIX, name)
+            keys: tuple[str, ...] = (name, name + NOHINT_SUFFIX) if hint else (name + NOHINT_SUFFIX, name)
+            if forced:
+                keys = (*(key + FORCED_SUFFIX for key in keys), *keys)
             for key in keys:
                 if key in by_style:
                     return by_style[key]
         return None
+
+    def has_forced_curve(self, variant_name: str, style: str, hint: bool) -> bool:
+        """Whether forcing was measured for this variant and style (hint as given, else the other)."""
+        by_style = self.curves.get(variant_name, {})
+        return any(key + FORCED_SUFFIX in by_style for key in (style, style + NOHINT_SUFFIX))
+
+    def measured_styles(self, variant_names: Sequence[str]) -> list[str]:
+        """The styles some of these variants have a curve for, the default style first."""
+        found = {key.removesuffix(FORCED_SUFFIX).removesuffix(NOHINT_SUFFIX)
+                 for name in variant_names for key in self.curves.get(name, {})}
+        return [self.default_style, *sorted(found - {self.default_style})]
 
 
 def default_policy(name: str = "builtin") -> PolicyFile:
@@ -214,12 +238,12 @@ def _check_consistency(source_name: str, policy: PolicyFile) -> None:
         )
     for variant, by_style in policy.curves.items():
         for key in by_style:
-            base = key.removesuffix(NOHINT_SUFFIX)
+            base = key.removesuffix(FORCED_SUFFIX).removesuffix(NOHINT_SUFFIX)
             if base not in policy.styles:
                 raise PolicyFileError(
                     f"{source_name}: at curves.{variant}.{key}: unknown style '{base}'; "
                     f"known styles: {styles} (append '{NOHINT_SUFFIX}' for a curve measured "
-                    "without the budget hint)"
+                    f"without the budget hint, then '{FORCED_SUFFIX}' for one measured with answer forcing)"
                 )
 
 

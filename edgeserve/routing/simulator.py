@@ -183,7 +183,7 @@ def _outcome(done: _Admitted, key: int, timeline: Timeline, policy: PolicyFile) 
         met = not cut and finish <= done.deadline_at + EPSILON_MS
     if met is False:
         curve = policy.curve_for(decision.variant_name, decision.style,
-                                 decision.hint_tokens is not None)
+                                 decision.hint_tokens is not None, forced=decision.forcing)
         tokens = timeline.cut.get(key, decision.max_tokens)
         realized = curve.accuracy(tokens) if curve is not None else 0.0
     else:

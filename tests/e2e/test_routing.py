@@ -121,6 +121,20 @@ def test_the_budget_hint_reaches_the_prompt_unless_switched_off(server: Server) 
     assert on["usage"]["prompt_tokens"] > off["usage"]["prompt_tokens"]
 
 
+def test_the_router_picks_the_style_and_forcing_when_asked_to(server: Server) -> None:
+    auto = post(server, {"X-Prompt-Style": "auto", "X-Answer-Forcing": "auto", "X-Deadline-Ms": "20000"},
+                max_tokens=8)
+    assert auto.status_code == 200, auto.text
+    info = auto.json()["edgeserve"]
+    assert info["style"] in ("boxed", "aav")  # the styles the default family's curves cover
+    assert "chosen by the curves" in info["reason"]
+    assert info["answer_forcing"] is False  # no forced curve measured for this family
+    plain = post(server, {}, max_tokens=8).json()["edgeserve"]
+    assert plain["style"] is None and plain["answer_forcing"] is False  # the prompt as sent
+    forced = post(server, {"X-Prompt-Style": "boxed", "X-Answer-Forcing": "on"}, max_tokens=8).json()
+    assert forced["edgeserve"]["style"] == "boxed" and forced["edgeserve"]["answer_forcing"] is True
+
+
 @pytest.mark.parametrize(("header", "value"), [("X-Budget-Hint", "maybe"), ("X-Prompt-Style", "poem"),
                                                ("X-Answer-Forcing", "yes")])
 def test_bad_routing_headers_are_400s(server: Server, header: str, value: str) -> None:

@@ -120,7 +120,7 @@ async def test_a_refusal_names_the_deadline(pipeline: Pipeline) -> None:
 
 async def test_answer_forcing_closes_a_boxed_answer_within_the_budget(pipeline: Pipeline) -> None:
     request = InferenceRequest(model=f"{FAMILY}:q4_1", messages=[{"role": "user", "content": QUESTION}],
-                               max_tokens=40, answer_forcing=True, hint=False,
+                               max_tokens=40, answer_forcing="on", hint=False,
                                sampling=SamplingParams(temperature=0.0))
     admission = await pipeline.admit(request)
     generation, _ = await pipeline.start(admission)

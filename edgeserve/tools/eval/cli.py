@@ -47,7 +47,8 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
                    help=f"routed and/or pin:<variant>, comma-separated (default {DEFAULT_POLICIES}; "
                         "with --sweep-budgets: every variant of the family)")
     p.add_argument("--prompt", default="boxed",
-                   help="prompt style(s) sent as X-Prompt-Style: boxed, aav or a comma list (default boxed)")
+                   help="prompt style(s) sent as X-Prompt-Style: boxed, aav, auto (the router picks from "
+                        "the measured curves) or a comma list (default boxed)")
     p.add_argument("--hint", choices=["on", "off", "both"], default="on",
                    help="budget hint (X-Budget-Hint) on, off or both (default on)")
     p.add_argument("--answer-forcing", choices=["on", "off"], default=None,

@@ -53,6 +53,8 @@ def request_for(item: WorkItem, family: str) -> tuple[dict[str, str], dict[str, 
         headers["X-Deadline-Ms"] = str(item.deadline_ms)
     if item.forcing is not None:
         headers["X-Answer-Forcing"] = "on" if item.forcing else "off"
+    elif item.mode == "sweep":  # a curve says what was measured: not what a policy's `auto` chose
+        headers["X-Answer-Forcing"] = "off"
     body: dict[str, Any] = {
         "model": item.policy.model(family),
         "messages": [{"role": "user", "content": item.problem.question}],
@@ -169,6 +171,7 @@ def _success(base: AnswerRecord, payload: dict[str, Any], latency_ms: float, gol
         actual_ms=info.get("actual_ms"), queue_ms=info.get("queue_ms"), predicted_ms=info.get("predicted_ms"),
         prefill_ms=timings.get("prompt_ms"), decode_ms=timings.get("predicted_ms"),
         finish=info.get("finish"), reason=info.get("reason"),
+        applied_style=info.get("style"), forced=info.get("answer_forcing"),
         extracted=graded.extracted, extracted_value=graded.value, method=graded.method,
         judged_by=graded.judged_by, correct=graded.correct,
     )

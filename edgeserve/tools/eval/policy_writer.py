@@ -1,10 +1,11 @@
 """Quality curves from a budget sweep, written into a policy file the router reads.
 
-A sweep measures each pinned variant at fixed max_tokens with no deadline. Per variant, style and
-hint setting, the accuracies at the budgets become ``[curves.<variant>.<style>]`` (hint on) or
-``[curves.<variant>.<style>-nohint]`` (hint off) with ``budgets``, ``accuracy`` and ``unlimited``
-when the sweep shows it: hint off and no answer at the largest budget cut short, so a larger budget
-could not have changed any answer (with the hint on, a larger budget changes the prompt itself).
+A sweep measures each pinned variant at fixed max_tokens with no deadline. Per variant, style,
+hint and forcing setting, the accuracies at the budgets become ``[curves.<variant>.<style>]``
+(hint on) or ``[curves.<variant>.<style>-nohint]`` (hint off), with ``-forced`` appended when
+answer forcing was on, with ``budgets``, ``accuracy`` and ``unlimited`` when the sweep shows it:
+hint off and no answer at the largest budget cut short, so a larger budget could not have changed
+any answer (with the hint on, a larger budget changes the prompt itself).
 Requests that failed (HTTP error, timeout) say nothing about the model and are left out of a curve
 (the report still counts them).
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeserve.errors import ConfigError
-from edgeserve.routing.policy_file import NOHINT_SUFFIX, PolicyFile, parse_policy
+from edgeserve.routing.policy_file import FORCED_SUFFIX, NOHINT_SUFFIX, PolicyFile, parse_policy
 from edgeserve.routing.quality import QualityCurve, make_curve
 from edgeserve.tools.eval.records import AnswerRecord
 
@@ -52,8 +53,10 @@ class MeasuredCurve:
     left_out: int  # failed requests not counted
 
 
-def curve_key(style: str, hint: bool) -> str:
-    return style if hint else style + NOHINT_SUFFIX
+def curve_key(style: str, hint: bool, forcing: bool | None = None) -> str:
+    """The policy's key of a curve: the style, `-nohint` without the hint, then `-forced` when
+    answer forcing was on (None: the server's default, which a sweep leaves off)."""
+    return (style if hint else style + NOHINT_SUFFIX) + (FORCED_SUFFIX if forcing else "")
 
 
 def curves_from_records(records: Iterable[AnswerRecord]) -> list[MeasuredCurve]:
@@ -63,7 +66,7 @@ def curves_from_records(records: Iterable[AnswerRecord]) -> list[MeasuredCurve]:
     for r in records:
         if r.mode != "sweep" or r.budget is None or not r.policy.startswith("pin:"):
             continue
-        where = (r.policy.removeprefix("pin:"), curve_key(r.style, r.hint))
+        where = (r.policy.removeprefix("pin:"), curve_key(r.style, r.hint, r.forcing))
         if r.status != "ok":
             left_out[where] = left_out.get(where, 0) + 1
             continue

@@ -51,6 +51,8 @@ class AnswerRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
     decode_ms: float | None = None
     finish: str | None = None
     reason: str | None = None
+    applied_style: str | None = None  # the style instruction the server added (X-Prompt-Style: auto picks one)
+    forced: bool | None = None  # whether the server forced the answer (its policy may decide)
     min_deadline_ms: float | None = None
     retry_after_s: int | None = None
     text: str | None = None

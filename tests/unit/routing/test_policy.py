@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import msgspec
 import pytest
 
+from edgeserve.routing.costs import CostProfile
 from edgeserve.routing.policy import (
     Decision,
     Refusal,
@@ -311,3 +312,81 @@ def test_excluded_variants_are_named_with_their_reason(simple_policy: PolicyFile
                      simple_policy, 0)
     assert isinstance(refusal, Refusal) and refusal.code == "variant_unavailable"
     assert "connection refused" in refusal.reason
+
+
+# ---- the router's choice of style and answer forcing ------------------------------------------
+
+KNOBS_POLICY = SIMPLE_POLICY + b"""
+[curves.fast.aav]
+budgets = [100, 200]
+accuracy = [0.35, 0.45]
+
+[curves.fast.boxed-forced]
+budgets = [100, 200]
+accuracy = [0.5, 0.5]
+
+[curves.slow.aav-forced]
+budgets = [100, 200]
+accuracy = [0.1, 0.1]
+"""
+
+
+@pytest.fixture
+def knobs_policy() -> PolicyFile:
+    return parse_policy(KNOBS_POLICY, "knobs.toml")
+
+
+def test_auto_style_takes_the_style_whose_curve_promises_more(knobs_policy: PolicyFile,
+                                                               fast_slow: list[VariantCandidate]) -> None:
+    request = RoutingRequest(prompt_tokens=50, deadline_ms=1000, style_choices=("boxed", "aav"))
+    decision = choose(request, fast_slow, knobs_policy, 0)
+    assert isinstance(decision, Decision)
+    assert (decision.variant_name, decision.style, decision.max_tokens) == ("fast", "aav", 100)
+    assert decision.expected_accuracy == pytest.approx(0.35)
+    assert "style aav" in decision.reason and "chosen by the curves" in decision.reason
+
+
+def test_auto_style_counts_each_styles_own_prompt_length(knobs_policy: PolicyFile) -> None:
+    # prefill 10 ms per prompt token: aav's longer prompt (60 tokens) leaves 40 tokens of budget
+    # (0.14), boxed's (10 tokens) 91 (0.27), though aav's curve is higher at equal budgets
+    profile = CostProfile(variant_id="fam:fast", prefill_ms_per_token=10.0, decode_ms_per_token=10.0)
+    fast = VariantCandidate(variant_id="fam:fast", name="fast", profile=profile, n_ctx=4096)
+    request = RoutingRequest(prompt_tokens=10, deadline_ms=1000, style_choices=("boxed", "aav"),
+                             style_prompt_tokens={"boxed": 10, "aav": 60})
+    decision = choose(request, [fast], knobs_policy, 0)
+    assert isinstance(decision, Decision)
+    assert (decision.style, decision.max_tokens) == ("boxed", 91)  # 100 ms prefill + 90 steps
+    same = choose(msgspec.structs.replace(request, style_prompt_tokens={"boxed": 10, "aav": 10}),
+                  [fast], knobs_policy, 0)
+    assert isinstance(same, Decision) and same.style == "aav"
+
+
+def test_a_style_the_request_names_is_kept(knobs_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
+    decision = choose(RoutingRequest(prompt_tokens=50, deadline_ms=1000, style="boxed"), fast_slow, knobs_policy, 0)
+    assert isinstance(decision, Decision) and decision.style == "boxed"
+    assert "chosen by the curves" not in decision.reason
+
+
+def test_forcing_left_to_the_router_goes_on_only_where_its_curve_is_higher(
+        knobs_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
+    auto = RoutingRequest(prompt_tokens=50, deadline_ms=1000, style="boxed", forcing=None)
+    decision = choose(auto, fast_slow, knobs_policy, 0)
+    assert isinstance(decision, Decision)
+    assert (decision.variant_name, decision.forcing) == ("fast", True)
+    assert decision.expected_accuracy == pytest.approx(0.5)
+    assert "answer forcing on" in decision.reason
+    # slow has a forced curve for aav only, and a worse one: its aav answers stay unforced
+    slow = RoutingRequest(prompt_tokens=50, deadline_ms=10_000, style="aav", forcing=None, pinned="fam:slow")
+    unforced = choose(slow, fast_slow, knobs_policy, 0)
+    assert isinstance(unforced, Decision) and unforced.forcing is False
+
+
+def test_forcing_the_request_asks_for_is_kept_even_unmeasured(knobs_policy: PolicyFile,
+                                                               fast_slow: list[VariantCandidate]) -> None:
+    on = choose(RoutingRequest(prompt_tokens=50, deadline_ms=10_000, style="boxed", forcing=True,
+                               pinned="fam:slow"), fast_slow, knobs_policy, 0)
+    assert isinstance(on, Decision) and on.forcing is True
+    assert on.expected_accuracy == pytest.approx(0.8)  # no forced curve: the plain one
+    off = choose(RoutingRequest(prompt_tokens=50, deadline_ms=1000, style="boxed", forcing=False),
+                 fast_slow, knobs_policy, 0)
+    assert isinstance(off, Decision) and off.forcing is False

@@ -125,3 +125,33 @@ def test_curve_lookup_order() -> None:
     assert value("a", "aav", True) == 0.3  # only the no-hint curve exists for aav
     assert value("b", "aav", True) == 0.4  # falls back to the default style
     assert value("c", "boxed", True) is None
+
+
+def test_forced_curves_are_found_first_when_forcing_and_fall_back_to_the_plain_ones() -> None:
+    policy = parse_policy(b"""
+name = "p"
+[curves.q8_0.boxed]
+budgets = [100]
+accuracy = [0.3]
+[curves.q8_0.boxed-nohint-forced]
+budgets = [100]
+accuracy = [0.6]
+[curves.q8_0.aav-nohint]
+budgets = [100]
+accuracy = [0.2]
+""", "p.toml")
+    forced = policy.curve_for("q8_0", "boxed", False, forced=True)
+    assert forced is not None and forced.accuracy(100) == pytest.approx(0.6)
+    plain = policy.curve_for("q8_0", "boxed", False)
+    assert plain is not None and plain.accuracy(100) == pytest.approx(0.3)
+    fallback = policy.curve_for("q8_0", "aav", True, forced=True)
+    assert fallback is not None and fallback.accuracy(100) == pytest.approx(0.2)
+    assert policy.has_forced_curve("q8_0", "boxed", True)
+    assert not policy.has_forced_curve("q8_0", "aav", True)
+    assert policy.measured_styles(["q8_0"]) == ["boxed", "aav"]
+    assert policy.measured_styles(["other"]) == ["boxed"]
+
+
+def test_a_forced_curve_of_an_unknown_style_is_refused() -> None:
+    with pytest.raises(PolicyFileError, match=r"curves\.q8_0\.poem-forced: unknown style 'poem'"):
+        parse_policy(b'name = "p"\n[curves.q8_0.poem-forced]\nbudgets = [1]\naccuracy = [0.1]\n', "p.toml")
