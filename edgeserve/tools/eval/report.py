@@ -11,7 +11,7 @@ from pathlib import Path
 from edgeserve.tools.eval.policy_writer import curves_from_records
 from edgeserve.tools.eval.records import AnswerRecord
 from edgeserve.tools.eval.same_latency import crossover_ms, equal_latency_rows
-from edgeserve.tools.eval.stats import GroupStats, decode_ms_per_token, summarize
+from edgeserve.tools.eval.stats import GroupStats, decode_ms_per_token, hint_honesty, summarize
 
 SUMMARY_CSV = "summary.csv"
 REPORT_MD = "report.md"
@@ -282,6 +282,23 @@ def _sweep_section(stats: Sequence[GroupStats]) -> list[str]:
     ]
 
 
+def _hint_section(records: Sequence[AnswerRecord]) -> list[str]:
+    """Budget hint honesty: do the answers stay under the number of tokens they were told?"""
+    rows = hint_honesty(records)
+    if not rows:
+        return []
+    return [
+        "## Budget hint honesty", "",
+        "Answers that carried the hint \"UNDER n tokens\": completion tokens ÷ n, per variant "
+        "(the policy's `hint.ratio` sets n = ratio × budget; a ratio whose answers overshoot n "
+        "often is cut by max_tokens before it answers).", "",
+        *_table(["variant", "answers", "median tokens ÷ hint", "over the hint", "cut at the budget"],
+                [[h.variant, str(h.n), f"{h.median_ratio:.2f}", _pct(h.over_share), _pct(h.over_budget_share)]
+                 for h in rows]),
+        "",
+    ]
+
+
 def _failures_section(records: Sequence[AnswerRecord]) -> list[str]:
     failed = [r for r in records if r.status in ("http_error", "timeout")]
     if not failed:
@@ -315,6 +332,7 @@ def render_report(records: Sequence[AnswerRecord], stats: Sequence[GroupStats], 
     if sweep:
         lines += _sweep_section(sweep)
     lines += _same_latency_section(stats, records, ctx)
+    lines += _hint_section(records)
     lines += _failures_section(records)
     lines += [
         "## Method", "",

@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from statistics import fmean
+from statistics import fmean, median
 
 from edgeserve.routing.stats import percentile
 from edgeserve.tools.eval.records import AnswerRecord
@@ -140,3 +140,29 @@ def decode_ms_per_token(records: Iterable[AnswerRecord]) -> dict[str, float]:
         ms[name] = ms.get(name, 0.0) + r.decode_ms
         tokens[name] = tokens.get(name, 0) + r.completion_tokens
     return {name: ms[name] / tokens[name] for name in ms if tokens[name] > 0}
+
+
+@dataclass(frozen=True)
+class HintHonesty:
+    """How a variant's answers kept to the budget hint: tokens produced ÷ hinted tokens."""
+
+    variant: str
+    n: int
+    median_ratio: float
+    over_share: float  # answers longer than the hint
+    over_budget_share: float  # answers cut by max_tokens (finish `length`) despite the hint
+
+
+def hint_honesty(records: Iterable[AnswerRecord]) -> list[HintHonesty]:
+    """Per variant, over answered requests that carried a hint (`hint_tokens`): the median of
+    completion tokens ÷ hint tokens, and how often the answer ran past the hint and to the budget."""
+    ratios: dict[str, list[float]] = {}
+    cut: dict[str, int] = {}
+    for r in records:
+        if r.status != "ok" or not r.hint_tokens or r.completion_tokens is None or r.variant is None:
+            continue
+        ratios.setdefault(r.variant, []).append(r.completion_tokens / r.hint_tokens)
+        cut[r.variant] = cut.get(r.variant, 0) + (r.finish == "length")
+    return [HintHonesty(variant, len(values), median(values),
+                        sum(v > 1 for v in values) / len(values), cut[variant] / len(values))
+            for variant, values in sorted(ratios.items())]

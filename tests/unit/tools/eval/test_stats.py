@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeserve.tools.eval.stats import decode_ms_per_token, summarize, wilson_interval
+from edgeserve.tools.eval.stats import decode_ms_per_token, hint_honesty, summarize, wilson_interval
 from tests.unit.tools.eval.helpers import record
 
 
@@ -63,3 +63,19 @@ def test_decode_cost_per_variant_weights_by_tokens() -> None:
         record(status="refused", variant=None),
     ])
     assert costs == {"q2_k": 20.0, "q8_0": 25.0}
+
+
+def test_hint_honesty_per_variant_over_answers_that_carried_a_hint() -> None:
+    records = [
+        record(variant="fam:q8_0", hint_tokens=50, completion_tokens=40),
+        record(variant="fam:q8_0", hint_tokens=50, completion_tokens=60),
+        record(variant="fam:q8_0", hint_tokens=50, completion_tokens=100, finish="length"),
+        record(variant="fam:q2_k", hint_tokens=20, completion_tokens=10),
+        record(variant="fam:q2_k", hint_tokens=None, completion_tokens=500),  # no hint: not counted
+        record(variant="fam:q2_k", hint_tokens=20, status="refused", completion_tokens=None),
+    ]
+    q2, q8 = hint_honesty(records)
+    assert (q2.variant, q2.n, q2.median_ratio, q2.over_share, q2.over_budget_share) == ("fam:q2_k", 1, 0.5, 0.0, 0.0)
+    assert (q8.variant, q8.n) == ("fam:q8_0", 3)
+    assert q8.median_ratio == pytest.approx(1.2)
+    assert q8.over_share == pytest.approx(2 / 3) and q8.over_budget_share == pytest.approx(1 / 3)
