@@ -39,6 +39,8 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="GSM8K JSONL file (question, answer)")
     p.add_argument("--out", type=Path, required=True, help="output directory (results.jsonl, report)")
     p.add_argument("--limit", type=int, default=None, help="first N questions (default: all)")
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N questions (e.g. those the curves were measured on)")
     p.add_argument("--model", default=None,
                    help="model family (default: the only family the server serves)")
     p.add_argument("--deadlines", default=None,
@@ -132,7 +134,7 @@ def _gsm8k(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     hints = {"on": [True], "off": [False], "both": [True, False]}[args.hint]
     forcing = None if args.answer_forcing is None else args.answer_forcing == "on"
-    problems = load_problems(args.data, args.limit)
+    problems = load_problems(args.data, args.limit, args.skip)
     family, failed = asyncio.run(_ask(args, problems, policies, deadlines, budgets, styles, hints, forcing))
     return _finish(args, latest(read_records(results_path)), family, failed)
 

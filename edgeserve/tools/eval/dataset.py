@@ -34,24 +34,32 @@ def gold_of(answer: str) -> str | None:
     return tail or None
 
 
-def load_problems(path: Path, limit: int | None = None) -> list[Problem]:
-    """The first ``limit`` problems of ``path`` (all of them when None). Blank lines are skipped."""
+def load_problems(path: Path, limit: int | None = None, skip: int = 0) -> list[Problem]:
+    """``limit`` problems of ``path`` (all of them when None) after the first ``skip``, so that
+    curves and evaluations can use disjoint questions; a problem's index is its place in the
+    file (0-based, blank lines skipped), whatever was skipped."""
     if limit is not None and limit < 1:
         raise DatasetError(f"--limit must be at least 1, got {limit}")
+    if skip < 0:
+        raise DatasetError(f"--skip must be 0 or more, got {skip}")
     try:
         handle = path.open(encoding="utf-8")
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read the dataset ({exc.strerror or exc})") from exc
     problems: list[Problem] = []
+    seen = 0
     with handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            problems.append(_parse_line(path, number, line, len(problems)))
+            seen += 1
+            if seen <= skip:
+                continue
+            problems.append(_parse_line(path, number, line, seen - 1))
             if limit is not None and len(problems) >= limit:
                 break
     if not problems:
-        raise DatasetError(f"{path}: no problems in the file")
+        raise DatasetError(f"{path}: no problems in the file" + (f" after the first {skip}" if skip else ""))
     return problems
 
 

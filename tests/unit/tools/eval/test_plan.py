@@ -39,6 +39,10 @@ def test_load_problems(tmp_path: Path) -> None:
     problems = load_problems(path)
     assert [(p.index, p.question, p.gold) for p in problems] == [(0, "q1", "4"), (1, "q2", "5")]
     assert len(load_problems(path, limit=1)) == 1
+    skipped = load_problems(path, skip=1)
+    assert [(p.index, p.question) for p in skipped] == [(1, "q2")]  # its place in the file
+    with pytest.raises(DatasetError, match="no problems in the file after the first 2"):
+        load_problems(path, skip=2)
 
 
 @pytest.mark.parametrize(
