@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-# Beyond the weights: KV caches, compute buffers, Python and the server (measured RSS of the
-# default family was ~150 MiB above its weights).
+from edgeserve.runtime.gguf_meta import GGUFError, kv_bytes_per_token, read_metadata
+
+# Beyond the weights and the KV caches (sized from each file's header): compute buffers, Python
+# and the server (measured RSS of the default family was ~150 MiB above its weights).
 OVERHEAD_RATIO = 0.10
 OVERHEAD_BYTES = 192 * 2**20
 
@@ -35,8 +37,11 @@ class MemoryCheck:
                 f"{self.available_bytes / gib:.2f} GiB available{advice}")
 
 
-def needed_bytes(model_files: list[Path]) -> int:
-    return sum(resident_bytes(path) for path in model_files) + OVERHEAD_BYTES
+def needed_bytes(variants: list[tuple[Path, int]]) -> int:
+    """(model file, KV cache tokens) per variant: a file two variants share is mapped once,
+    but each variant has its own KV cache."""
+    weights = sum(weight_bytes(path) for path in {path for path, _ in variants})
+    return weights + sum(kv_cache_bytes(path, tokens) for path, tokens in variants) + OVERHEAD_BYTES
 
 
 def available_from_meminfo(text: str) -> int | None:
@@ -47,12 +52,13 @@ def available_from_meminfo(text: str) -> int | None:
     return None
 
 
-def check_memory(model_files: list[Path], meminfo: Path = Path("/proc/meminfo")) -> MemoryCheck:
+def check_memory(variants: list[tuple[Path, int]], meminfo: Path = Path("/proc/meminfo")) -> MemoryCheck:
+    """Whether the variants ((model file, KV cache tokens) each) fit in the available RAM."""
     try:
         available = available_from_meminfo(meminfo.read_text())
     except OSError:
         available = None
-    return MemoryCheck(needed_bytes(model_files), available)
+    return MemoryCheck(needed_bytes(variants), available)
 
 
 # ---- the memory budget of on-demand residency (issue 7) ---------------------------------------
@@ -78,10 +84,25 @@ def parse_size(text: str) -> int:
     return int(amount * _UNITS[unit])
 
 
-def resident_bytes(model_file: Path) -> int:
-    """What one loaded variant takes from the budget: its weights and their share of KV cache and
-    compute buffers (the per-process overhead is the budget's margin, not a variant's)."""
+def resident_bytes(model_file: Path, kv_tokens: int) -> int:
+    """What one loaded variant takes from the budget: its weights with their share of compute
+    buffers, and its KV cache of `kv_tokens` tokens (n_ctx × parallel); the per-process overhead
+    is the budget's margin, not a variant's."""
+    return weight_bytes(model_file) + kv_cache_bytes(model_file, kv_tokens)
+
+
+def weight_bytes(model_file: Path) -> int:
     return int(model_file.stat().st_size * (1 + OVERHEAD_RATIO))
+
+
+def kv_cache_bytes(model_file: Path, tokens: int) -> int:
+    """The f16 KV cache of `tokens` tokens, from the model's attention shape in its GGUF header
+    (0 when the header does not give it: a file llama.cpp will then name as unreadable)."""
+    try:
+        per_token = kv_bytes_per_token(read_metadata(model_file))
+    except GGUFError:
+        return 0
+    return 0 if per_token is None else per_token * max(tokens, 0)
 
 
 def default_budget(meminfo: Path = Path("/proc/meminfo")) -> int | None:

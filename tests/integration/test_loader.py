@@ -34,7 +34,7 @@ async def registry(models_file: ModelsFile, prepared: dict[str, PreparedVariant]
 
 def one_variant_budget(registry: ModelRegistry) -> int:
     """Holds the largest variant alone and no two of them."""
-    sizes = sorted(resident_bytes(r.path) for r in registry.runners.values())
+    sizes = sorted(resident_bytes(r.path, r.config.n_ctx * r.config.parallel) for r in registry.runners.values())
     assert sizes[-1] < sizes[0] + sizes[1]
     return sizes[-1] + 1
 
@@ -95,7 +95,8 @@ async def test_a_generating_variant_is_not_evicted(registry: ModelRegistry) -> N
 
 
 def test_a_variant_larger_than_the_budget_is_never_available(registry: ModelRegistry) -> None:
-    manager = ResidencyManager(registry.runners, resident_bytes(registry.runners[Q4].path))
+    q4 = registry.runners[Q4]
+    manager = ResidencyManager(registry.runners, resident_bytes(q4.path, q4.config.n_ctx * q4.config.parallel))
     assert manager.load_estimate_ms(Q8) is None
     assert "more than the whole memory budget" in (manager.unavailable_reason(Q8) or "")
     assert manager.unavailable_reason(Q2) is None

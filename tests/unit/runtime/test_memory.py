@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,18 @@ from edgeserve.runtime.memory import (
     resident_bytes,
 )
 
+
+def write_gguf(path: Path, metadata: dict[str, str | int]) -> None:
+    """A GGUF header with these metadata (strings and u32s) and no tensors."""
+    def string(text: str) -> bytes:
+        data = text.encode()
+        return struct.pack("<Q", len(data)) + data
+
+    body = b"".join(string(key) + (struct.pack("<I", 8) + string(value) if isinstance(value, str)
+                                   else struct.pack("<II", 4, value)) for key, value in metadata.items())
+    path.write_bytes(struct.pack("<4sIQQ", b"GGUF", 3, 0, len(metadata)) + body)
+
+
 MEMINFO = "MemTotal:        2000000 kB\nMemFree:          100000 kB\nMemAvailable:    1500000 kB\n"
 
 
@@ -30,8 +43,8 @@ def test_variants_that_fit(tmp_path: Path) -> None:
     model.write_bytes(b"\0" * 1000)
     meminfo = tmp_path / "meminfo"
     meminfo.write_text(MEMINFO)
-    check = check_memory([model, model], meminfo)
-    assert check.needed_bytes == int(2000 * 1.1) + OVERHEAD_BYTES
+    check = check_memory([(model, 4096), (model, 4096)], meminfo)
+    assert check.needed_bytes == int(1000 * 1.1) + OVERHEAD_BYTES  # one file, mapped once; no header: no KV
     assert check.fits
     assert "fit in" in check.message()
 
@@ -45,7 +58,7 @@ def test_variants_that_do_not_fit_say_what_to_do() -> None:
 def test_unknown_available_memory_is_not_a_failure(tmp_path: Path) -> None:
     model = tmp_path / "a.gguf"
     model.write_bytes(b"\0")
-    check = check_memory([model], tmp_path / "no-meminfo")
+    check = check_memory([(model, 0)], tmp_path / "no-meminfo")
     assert check.available_bytes is None and check.fits
 
 
@@ -66,7 +79,21 @@ def test_bad_memory_budget_sizes_say_what_is_expected(text: str) -> None:
 def test_a_variant_takes_its_weights_and_their_buffers_from_the_budget(tmp_path: Path) -> None:
     model = tmp_path / "a.gguf"
     model.write_bytes(b"\0" * 1000)
-    assert resident_bytes(model) == int(1000 * (1 + OVERHEAD_RATIO))
+    assert resident_bytes(model, 2048) == int(1000 * (1 + OVERHEAD_RATIO))
+
+
+def test_each_variant_has_its_own_kv_cache_sized_from_the_gguf_header(tmp_path: Path) -> None:
+    # SmolLM2-135M's shape: 30 layers, 3 KV heads of 64 → 30 × 3 × 128 × 2 bytes = 23,040 per token
+    model = tmp_path / "smol.gguf"
+    write_gguf(model, {"general.architecture": "llama", "llama.block_count": 30,
+                       "llama.embedding_length": 576, "llama.attention.head_count": 9,
+                       "llama.attention.head_count_kv": 3})
+    weights = int(model.stat().st_size * (1 + OVERHEAD_RATIO))
+    assert resident_bytes(model, 2048 * 4) == weights + 23_040 * 2048 * 4
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    check = check_memory([(model, 2048), (model, 8192)], meminfo)
+    assert check.needed_bytes == weights + 23_040 * (2048 + 8192) + OVERHEAD_BYTES
 
 
 def test_the_default_budget_is_available_memory_minus_the_margin(tmp_path: Path) -> None:
