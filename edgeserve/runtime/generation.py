@@ -12,10 +12,42 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 
 from edgeserve.errors import GenerationFailedError
 from edgeserve.runtime.sequence import GenerationResult
+
+_handoffs = threading.local()
+
+
+@contextmanager
+def batched_handoffs() -> Iterator[None]:
+    """Within it, this thread's hand-offs to event loops are held and go out together at the
+    end, in order: the stepping loop wakes the event loop once per step, not once per sequence
+    (each wake-up is a write to the loop's self-pipe, and a GIL hand-over on the board's few
+    cores)."""
+    held: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., object], tuple[object, ...]]]] = {}
+    _handoffs.held = held
+    try:
+        yield
+    finally:
+        _handoffs.held = None
+        for loop, calls in held.items():
+            loop.call_soon_threadsafe(_run_all, calls)
+
+
+def _run_all(calls: list[tuple[Callable[..., object], tuple[object, ...]]]) -> None:
+    for function, args in calls:
+        function(*args)
+
+
+def _hand_off(loop: asyncio.AbstractEventLoop, function: Callable[..., object], *args: object) -> None:
+    held = getattr(_handoffs, "held", None)
+    if held is None:
+        loop.call_soon_threadsafe(function, *args)
+    else:
+        held.setdefault(loop, []).append((function, args))
 
 
 def _resolve(future: asyncio.Future[float], value: float | BaseException) -> None:
@@ -61,7 +93,7 @@ class Generation:
     # ---- the producer's side (any thread) -----------------------------------------------------
 
     def _emit_joined(self, queue_ms: float | BaseException) -> None:
-        self._loop.call_soon_threadsafe(_resolve, self.joined, queue_ms)
+        _hand_off(self._loop, _resolve, self.joined, queue_ms)
 
     def _emit_text(self, piece: str) -> None:
         self._pending.append(piece)
@@ -72,12 +104,12 @@ class Generation:
     def _emit_end(self, item: GenerationResult | BaseException) -> None:
         """Once: the text still pending, then the outcome."""
         self._flush(time.perf_counter())
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        _hand_off(self._loop, self._queue.put_nowait, item)
 
     def _flush(self, now: float) -> None:
         if self._pending:
             text, self._pending = "".join(self._pending), []
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, text)
+            _hand_off(self._loop, self._queue.put_nowait, text)
         self._last_flush = now
 
     # ---- the consumer's side (the event loop) -------------------------------------------------

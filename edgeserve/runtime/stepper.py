@@ -41,7 +41,7 @@ from edgeserve.routing.batching import Board, LoadMeter, SeqLoad, VariantLoad, m
 from edgeserve.routing.costs import CostProfile, prefill_ms, step_ms
 from edgeserve.runtime.decoder import BatchEntry
 from edgeserve.runtime.faults import InjectedFault
-from edgeserve.runtime.generation import Generation
+from edgeserve.runtime.generation import Generation, batched_handoffs
 from edgeserve.runtime.sequence import (
     TAIL_RESERVE_S,
     GenerationJob,
@@ -318,18 +318,22 @@ class Stepper:
             return self._stopping
 
     def _iteration(self) -> None:
-        """Seat waiting requests, pick a lane, build its batch, decode it, hand out the tokens."""
-        with self._cond:
+        """Seat waiting requests, pick a lane, build its batch, decode it, hand out the tokens.
+
+        What the loop tells the event loop (seats, refusals, text, ends) goes out in one
+        hand-off before the decode and one after it (`batched_handoffs`)."""
+        with batched_handoffs(), self._cond:
             now = self._clock()
             for lane in self._lanes.values():
                 self._sweep(lane, now)
                 self._join(lane, now)
                 lane.meter.observe(now * 1000, len(lane.running))
             chosen = self._next_lane()
-            if chosen is None:
-                self._cond.wait(IDLE_WAIT_S)
-                return
-            entries, members = self._batch(chosen)
+            if chosen is not None:
+                entries, members = self._batch(chosen)
+        if chosen is None:
+            self._idle()
+            return
         if not entries:
             return
         started = self._clock()
@@ -337,13 +341,21 @@ class Stepper:
             sampled = chosen.decoder.step(entries)
         except Exception as exc:  # a failed llama_decode: these sequences fail, the loop goes on
             log.error("step_failed", variant=chosen.variant_id, error=str(exc))
-            with self._cond:
+            with batched_handoffs(), self._cond:
                 for work in members:
                     self._leave(chosen, work, exc, keep_kv=False)
             return
         now = self._clock()
-        with self._cond:
+        with batched_handoffs(), self._cond:
             self._apply(chosen, members, sampled, now, now - started)
+
+    def _idle(self) -> None:
+        """Nothing to run: sleep until a submit, a cancel or a stop wakes the loop (checked again
+        under the lock, so a wake-up since the last look is not lost)."""
+        with self._cond:
+            if not self._stopping and self._next_lane() is None \
+                    and not any(lane.waiting for lane in self._lanes.values()):
+                self._cond.wait(IDLE_WAIT_S)
 
     def _end_all(self) -> None:
         for lane in self._lanes.values():
