@@ -8,7 +8,8 @@ hands the policy that moment's `Board` (`Timeline.board`) and adds what the poli
 timeline follows the stepping loop's rules exactly:
 
 * each step runs ONE variant's batch, the variant whose running sequences hold the most urgent
-  deadline (no deadline sorts last; ties go to the variant listed first);
+  deadline (no deadline sorts last; among equals, the earliest arrival: first come, first
+  served across variants for requests without a deadline);
 * every running sequence of that variant that has finished its prompt decodes one token; the
   most urgent one still prefilling evaluates one chunk of at most ``chunk_tokens`` prompt tokens
   in the same step (the step that finishes its prompt also gives its first token);
@@ -30,6 +31,7 @@ deadline, with the tokens it has).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -109,8 +111,8 @@ class _Seq:
     prefilled_any: bool
 
     @property
-    def urgency(self) -> float:
-        return math.inf if self.load.deadline_ms is None else self.load.deadline_ms
+    def urgency(self) -> Urgency:
+        return (math.inf if self.load.deadline_ms is None else self.load.deadline_ms, self.load.key)
 
     @property
     def produced(self) -> int:
@@ -124,11 +126,16 @@ class _Seq:
                        deadline_ms=None if deadline is None else deadline - now_ms)
 
 
-def most_urgent(batches: Iterable[tuple[K, Iterable[float]]]) -> K | None:
+Urgency = tuple[float, int]  # (deadline, inf for none; the sequence's key: earlier arrivals first)
+
+
+def most_urgent(batches: Iterable[tuple[K, Iterable[Urgency]]]) -> K | None:
     """The batch the next step runs (the stepping loop and the Timeline share this rule): the
-    one holding the most urgent deadline (urgencies: deadlines, inf for none), the first of
-    equals; empty batches never run. None when every batch is empty."""
-    best: float | None = None
+    one holding the most urgent sequence, by deadline and, among equal deadlines (or none), by
+    arrival, so that requests without a deadline are served first come, first served across
+    variants instead of the first variant's starving the others; empty batches never run.
+    None when every batch is empty."""
+    best: Urgency | None = None
     chosen: K | None = None
     for key, urgencies in batches:
         urgency = min(urgencies, default=None)
@@ -177,7 +184,7 @@ class Timeline:
     def _fill(self) -> None:
         for name, queue in self.waiting.items():
             batch = self.running.setdefault(name, [])
-            queue.sort(key=lambda s: (s.urgency, s.load.key))
+            queue.sort(key=lambda s: s.urgency)
             while queue and len(batch) < min(self.variants[name].parallel, queue[0].load.join_width or math.inf):
                 seq = queue.pop(0)
                 batch.append(seq)
@@ -245,7 +252,7 @@ class Timeline:
         seq: _Seq | None = None
         chunk = 0
         if prefilling:
-            seq = min(prefilling, key=lambda s: (s.urgency, s.load.key))
+            seq = min(prefilling, key=lambda s: s.urgency)
             chunk = min(self.chunk_tokens, seq.prompt_left)
             cost = max(prefill_ms(profile, seq.context + chunk) - prefill_ms(profile, seq.context), 0.0)
             if not seq.prefilled_any:  # the fixed part is charged once, with the first chunk
@@ -359,7 +366,7 @@ class Board:
         return replace(self, variants=variants)
 
 
-NEWCOMER = -1  # the key of the sequence being admitted
+NEWCOMER = sys.maxsize  # the key of the sequence being admitted: it arrives after every other
 
 
 @dataclass(frozen=True)

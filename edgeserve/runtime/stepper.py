@@ -7,9 +7,10 @@ The shape of llama-server's `update_slots`, with deadlines:
   earliest deadline first, and a request whose deadline can no longer fit its shortest useful
   run by then is refused (429) instead of started to miss;
 * each step picks the lane whose running sequences hold the most urgent deadline (no deadline
-  sorts last), and decodes in ONE `llama_decode` the next token of each of its sequences plus at
-  most one chunk (``chunk_tokens``) of one sequence still evaluating its prompt (or a forced
-  answer prefix), so a long newcomer never stalls running streams by more than one chunk;
+  sorts last; among equals the earliest arrival), and decodes in ONE `llama_decode` the next
+  token of each of its sequences plus at most one chunk (``chunk_tokens``) of one sequence
+  still evaluating its prompt (or a forced answer prefix), so a long newcomer never stalls
+  running streams by more than one chunk;
 * before every step each sequence applies its rules (runtime.sequence: cancel, deadline); a
   prefill is checked at every chunk boundary, so a client that leaves or a deadline that can no
   longer be met stops it there;
@@ -37,7 +38,7 @@ from typing import Protocol
 
 from edgeserve.errors import RefusedError, ShuttingDownError
 from edgeserve.logging import get_logger
-from edgeserve.routing.batching import Board, LoadMeter, SeqLoad, VariantLoad, most_urgent
+from edgeserve.routing.batching import Board, LoadMeter, SeqLoad, Urgency, VariantLoad, most_urgent
 from edgeserve.routing.costs import CostProfile, prefill_ms, step_ms
 from edgeserve.runtime.decoder import BatchEntry
 from edgeserve.runtime.faults import InjectedFault
@@ -90,8 +91,9 @@ class Work:
     prefill_s: float = 0.0  # llama.cpp time of its prompt chunks (their share of the steps)
 
     @property
-    def urgency(self) -> float:
-        return math.inf if self.job.deadline_at is None else self.job.deadline_at
+    def urgency(self) -> Urgency:
+        """Earliest deadline first (none: last); among equals, the earlier arrival."""
+        return (math.inf if self.job.deadline_at is None else self.job.deadline_at, self.key)
 
 
 @dataclass
@@ -399,7 +401,7 @@ class Stepper:
 
     def _join(self, lane: Lane, now: float) -> None:
         """Give free places to waiting requests, earliest deadline first."""
-        lane.waiting.sort(key=lambda w: (w.urgency, w.key))
+        lane.waiting.sort(key=lambda w: w.urgency)
         while lane.waiting:
             free = [p for p in lane.places if p.work is None]
             width = lane.waiting[0].job.join_width  # it joins only a batch narrower than this
@@ -512,7 +514,7 @@ class Stepper:
                 going.append(work)
             else:
                 self._leave(lane, work, None)
-        return min(going, key=lambda w: (w.urgency, w.key)) if going else None
+        return min(going, key=lambda w: w.urgency) if going else None
 
     @staticmethod
     def _decode_s(profile: CostProfile | None, decoding: list[Work]) -> float | None:

@@ -81,11 +81,21 @@ def test_most_urgent_variant_runs_first() -> None:
     assert finishes[1] == pytest.approx(150)
 
 
-def test_most_urgent_picks_the_earliest_deadline_first_of_equals_and_skips_empty_batches() -> None:
-    assert most_urgent([("a", [5.0, 9.0]), ("b", [3.0]), ("c", [])]) == "b"
-    assert most_urgent([("a", [math.inf]), ("b", [math.inf])]) == "a"  # no deadlines: the first
-    assert most_urgent([("a", [4.0]), ("b", [4.0, 1.0])]) == "b"
+def test_most_urgent_picks_the_earliest_deadline_then_the_earliest_arrival_and_skips_empty_batches() -> None:
+    assert most_urgent([("a", [(5.0, 1), (9.0, 2)]), ("b", [(3.0, 3)]), ("c", [])]) == "b"
+    # no deadlines: the variant holding the oldest request, whatever the order of the variants
+    assert most_urgent([("a", [(math.inf, 7)]), ("b", [(math.inf, 4)])]) == "b"
+    assert most_urgent([("a", [(4.0, 1)]), ("b", [(4.0, 2), (1.0, 3)])]) == "b"
     assert most_urgent([("a", []), ("b", [])]) is None
+
+
+def test_requests_without_deadlines_on_two_variants_are_served_first_come_first_served() -> None:
+    # variant a is listed first but its request came later: b's runs first and is not starved
+    board = Board({"f:a": VariantLoad(profile(variant="f:a"), parallel=1),
+                   "f:b": VariantLoad(profile(variant="f:b"), parallel=1)})
+    finishes = board.finishes([SeqLoad(9, "f:a", tokens_left=10, context=5),
+                               SeqLoad(2, "f:b", tokens_left=10, context=5)])
+    assert finishes[2] == pytest.approx(100) and finishes[9] == pytest.approx(200)
 
 
 def test_prefill_chunks_ride_along_with_decode_steps() -> None:
