@@ -15,7 +15,7 @@ SOURCE = "policies/broken.toml"
 CURVE = "budgets = [64, 128]\naccuracy = [0.1, 0.2]\n"
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m.toml", "llama31-8b-rk3568.toml"])
+@pytest.mark.parametrize("name", ["smollm2-135m.toml", "llama31-8b-rk3568.toml", "qwen25-coder-05b.toml"])
 def test_shipped_policies_parse(name: str) -> None:
     policy = parse_policy((POLICIES / name).read_bytes(), name)
     assert policy.default_style == "boxed"
