@@ -92,7 +92,7 @@ class Admitter:
             prompt = await asyncio.to_thread(_shape, variant, request, chosen_style, decision.hint_tokens, policy)
         if len(prompt.tokens) + 1 > variant.n_ctx:
             raise ContextLengthExceededError(len(prompt.tokens), variant.n_ctx, str(variant.id), request.param)
-        forcing = _forcing(variant, policy) if decision.forcing and request.messages is not None else None
+        forcing = _forcing(variant, policy) if decision.forcing else None  # chat only: _forcing_choice
         job = GenerationJob(prompt.tokens, min(decision.max_tokens, variant.n_ctx - len(prompt.tokens)),
                             request.sampling, request.stop, deadline_at=request.deadline_at,
                             forcing=forcing, join_width=decision.join_width)

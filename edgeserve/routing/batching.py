@@ -163,8 +163,9 @@ class Timeline:
     cut_at_deadline: bool = False
     cut: dict[int, int] = field(default_factory=dict)
     # how many sequences each variant has been running (for `board`, as the stepping loop
-    # publishes it); this timeline's own steps are priced at its variants' `load`
-    meters: dict[str, LoadMeter] = field(default_factory=dict)
+    # publishes it); this timeline's own steps are priced at its variants' `load`. None: not
+    # tracked (admission's trial timelines, which never publish a board)
+    meters: dict[str, LoadMeter] | None = field(default_factory=dict)
 
     def add(self, load: SeqLoad) -> None:
         if load.variant not in self.variants:
@@ -223,11 +224,14 @@ class Timeline:
         for name in dict.fromkeys([*self.running, *self.waiting]):  # lane order: ties follow it
             loads += [s.now_load(self.now_ms, True) for s in self.running.get(name, [])]
             loads += [s.now_load(self.now_ms, False) for s in self.waiting.get(name, [])]
-        variants = {name: replace(v, load=self.meters[name].value(self.now_ms)) if name in self.meters else v
+        meters = self.meters or {}
+        variants = {name: replace(v, load=meters[name].value(self.now_ms)) if name in meters else v
                     for name, v in self.variants.items()}
         return Board(variants, tuple(loads), self.chunk_tokens)
 
     def _observe(self) -> None:
+        if self.meters is None:
+            return
         for name, batch in self.running.items():
             self.meters.setdefault(name, LoadMeter()).observe(self.now_ms, len(batch))
 
@@ -346,7 +350,7 @@ class Board:
     chunk_tokens: int = 64
 
     def timeline(self, extra: Iterable[SeqLoad] = ()) -> Timeline:
-        timeline = Timeline(dict(self.variants), self.chunk_tokens)
+        timeline = Timeline(dict(self.variants), self.chunk_tokens, meters=None)
         for load in (*self.sequences, *extra):
             timeline.add(load)
         return timeline

@@ -271,12 +271,7 @@ def _timing(c: VariantCandidate, prompt: int, board: Board | None, policy: Polic
         predicted = c.load_ms + predict_ms(c.profile, prompt, budget)
     if budget < minimum:
         return None
-    limit = None
-    if budget == max_tokens:
-        limit = "max_tokens"
-    elif budget == c.n_ctx - prompt:
-        limit = "the context"
-    return _Option(c, budget, 0.0, predicted, limit, wait)
+    return _Option(c, budget, 0.0, predicted, _limit(budget, max_tokens, c.n_ctx - prompt), wait)
 
 
 def _batched_option(c: VariantCandidate, board: Board, prompt: int, deadline: float | None,
@@ -287,13 +282,18 @@ def _batched_option(c: VariantCandidate, board: Board, prompt: int, deadline: fl
     fit = fit_budget(board, c.variant_id, prompt, cap, minimum, avail)
     if fit is None:
         return None
-    limit = fit.blocked_by
-    if fit.tokens == max_tokens:
-        limit = "max_tokens"
-    elif fit.tokens == c.n_ctx - prompt:
-        limit = "the context"
+    limit = _limit(fit.tokens, max_tokens, c.n_ctx - prompt, fit.blocked_by)
     predicted = c.load_ms + fit.finish_ms - fit.start_ms
     return _Option(c, fit.tokens, 0.0, predicted, limit, fit.start_ms, fit.join_width)
+
+
+def _limit(budget: int, max_tokens: int, room: int, otherwise: str | None = None) -> str | None:
+    """What capped the budget, if not the deadline: max_tokens, the context, or `otherwise`."""
+    if budget == max_tokens:
+        return "max_tokens"
+    if budget == room:
+        return "the context"
+    return otherwise
 
 
 def _board_wait(board: Board | None) -> float:

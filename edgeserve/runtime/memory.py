@@ -3,6 +3,7 @@ token: the study's RK3568 decoded at ~0.17 GB/s that way, several times slower t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,11 +99,17 @@ def weight_bytes(model_file: Path) -> int:
 def kv_cache_bytes(model_file: Path, tokens: int) -> int:
     """The f16 KV cache of `tokens` tokens, from the model's attention shape in its GGUF header
     (0 when the header does not give it: a file llama.cpp will then name as unreadable)."""
-    try:
-        per_token = kv_bytes_per_token(read_metadata(model_file))
-    except GGUFError:
-        return 0
+    per_token = _kv_bytes_per_token(model_file)
     return 0 if per_token is None else per_token * max(tokens, 0)
+
+
+@functools.cache
+def _kv_bytes_per_token(model_file: Path) -> int | None:
+    """Read once per file: start-up asks for every variant twice (the memory check, residency)."""
+    try:
+        return kv_bytes_per_token(read_metadata(model_file))
+    except GGUFError:
+        return None
 
 
 def default_budget(meminfo: Path = Path("/proc/meminfo")) -> int | None:
