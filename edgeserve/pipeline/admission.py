@@ -44,6 +44,7 @@ class Admission:
     load_ms: float = 0.0  # of decision.predicted_ms, the predicted time to load the variant first
     min_run_ms: float = 0.0  # prefill and the policy's minimum useful tokens (and the load)
     style: str | None = None  # the style instruction added to the prompt (None: none)
+    reservation: int | None = None  # its place on the variant's board until it starts (Variant.reserve)
 
     @property
     def variant_id(self) -> VariantId:
@@ -58,6 +59,9 @@ class Admitter:
     def __init__(self, catalog: Catalog, policies: Mapping[str, PolicyFile]) -> None:
         self.catalog = catalog
         self.policies = policies  # family name → its policy (quality curves of its variants)
+        # One decision at a time, each ending with its job reserved on the board: two requests
+        # that arrive together must not both be judged against the board without the other.
+        self._deciding = asyncio.Lock()
 
     async def admit(self, request: InferenceRequest) -> Admission:
         target = self.catalog.resolve(request.model)
@@ -80,10 +84,19 @@ class Admitter:
         for other in styles[1:]:  # X-Prompt-Style: auto; each style's instruction has its own length
             style_tokens[other] = len((await asyncio.to_thread(_shape, probe, request, other, first_hint,
                                                                policy)).tokens)
+        async with self._deciding:
+            return await self._decide_and_reserve(request, target, policy, probe, prompt, style, styles,
+                                                  style_tokens, hint_on)
+
+    async def _decide_and_reserve(self, request: InferenceRequest, target: Target, policy: PolicyFile,
+                                  probe: Variant, prompt: Prompt, style: str | None, styles: tuple[str, ...],
+                                  style_tokens: dict[str, int], hint_on: bool) -> Admission:
+        """The decision, the prompt shaped for it, and the job reserved on the chosen variant."""
         candidates = [self.catalog[vid].candidate() for vid in target.ids]
         decision = self.decide(request, target, len(prompt.tokens), probe.n_ctx, hint_on, candidates, policy,
                                styles, style_tokens)
         if isinstance(decision, Refusal):
+            self.catalog.note_unserved(decision.crowded, request.deadline_at)
             raise _refusal_error(decision, len(prompt.tokens), probe, request.param)
         variant = self.catalog[VariantId.parse(decision.variant_id)]
         chosen_style = decision.style if styles else request.style
@@ -98,7 +111,7 @@ class Admitter:
                             forcing=forcing, join_width=decision.join_width)
         load_ms = next(c.load_ms for c in candidates if c.variant_id == decision.variant_id)
         return Admission(variant, prompt, job, decision, load_ms, _min_run_ms(variant, job, load_ms, policy),
-                         chosen_style)
+                         chosen_style, variant.reserve(job))
 
     def decide(self, request: InferenceRequest, target: Target, prompt_tokens: int, probe_n_ctx: int,
                hint_on: bool, candidates: list[VariantCandidate], policy: PolicyFile,

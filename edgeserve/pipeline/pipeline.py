@@ -98,7 +98,7 @@ class Pipeline:
         """Start the admitted job on its variant: the generation and the ms it waited."""
         generation, queue_ms = await admission.variant.start(
             admission.job, admission.prompt, predicted_ms=admission.decision.predicted_ms,
-            min_run_ms=admission.min_run_ms)
+            min_run_ms=admission.min_run_ms, reservation=admission.reservation)
         self._generations.add(generation)
         return generation, queue_ms
 

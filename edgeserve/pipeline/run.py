@@ -98,6 +98,8 @@ class Run:
         generation = self.generation
         if generation is not None:
             generation.cancel()  # no-op once finished; stops the token loop if the client left
+        else:  # never started: off the board
+            self.admission.variant.release(self.admission.reservation)
         if not self._recorded:
             if generation is not None and generation.result is None and not self._failed:
                 # The token loop is still stopping: record what it really did once it reports.

@@ -83,6 +83,32 @@ class LoadMeter:
         return self._level + (self._average - self._level) * fade
 
 
+@dataclass
+class UnservedDemand:
+    """Requests turned away only because a variant was busy (`Refusal.crowded`): each counts as
+    one more sequence in that variant's load until its deadline, so newcomers are priced for
+    the demand and not only for what was admitted. Without it the first of several requests
+    that arrive together is priced alone, takes the whole batch for its deadline, and the
+    others are refused. At most ``parallel`` count per variant (its load is capped there
+    anyway): the latest replace the ones that end first. Pure: ms on any clock."""
+
+    _until: dict[str, list[float]] = field(default_factory=dict)
+
+    def note(self, variants: Iterable[str], until_ms: float, parallel: Callable[[str], int]) -> None:
+        for name in variants:
+            wanted = self._until.setdefault(name, [])
+            wanted.append(until_ms)
+            wanted.sort()
+            del wanted[:-max(parallel(name), 1)]
+
+    def count(self, variant: str, now_ms: float) -> int:
+        wanted = self._until.get(variant)
+        if not wanted:
+            return 0
+        wanted[:] = [until for until in wanted if until > now_ms]
+        return len(wanted)
+
+
 @dataclass(frozen=True)
 class SeqLoad:
     """One admitted sequence as the timeline sees it. Times are ms from the board's "now";

@@ -96,12 +96,15 @@ class Refusal(msgspec.Struct, frozen=True, kw_only=True):
     """Not started. ``deadline_infeasible`` → 429 with Retry-After: ``retry_after_s`` (>= 1) is
     when the queue will have drained enough for the same deadline to fit (or, if even an empty
     queue is not enough, when it will be empty); ``min_deadline_ms`` is the smallest deadline that
-    would be accepted right now. The other codes carry no retry time."""
+    would be accepted right now. The other codes carry no retry time. ``crowded``: the variants
+    it would have fitted on alone, turned away only because of what they already run (unmet
+    demand: the board prices later newcomers for it)."""
 
     reason: str
     code: RefusalCode = "deadline_infeasible"
     retry_after_s: int | None = None
     min_deadline_ms: float | None = None
+    crowded: tuple[str, ...] = ()
 
 
 class _Option(msgspec.Struct, frozen=True):
@@ -366,6 +369,8 @@ def _refuse(request: RoutingRequest, fitting: list[VariantCandidate], policy: Po
             and need <= deadline - margin:
         # It would fit on its own; joining now would make sequences already admitted miss.
         pinned = "pinned " if request.pinned is not None else ""
+        crowded = tuple(c.variant_id for _, alone, c, _ in needs
+                        if c.variant_id in board.variants and alone <= deadline - margin)
         return Refusal(
             reason=(f"deadline {format_ms(deadline)} is infeasible now: the fastest useful answer "
                     f"({pinned}{fastest.name}, {minimum} tokens) needs {format_ms(need)} alone, but the "
@@ -374,6 +379,7 @@ def _refuse(request: RoutingRequest, fitting: list[VariantCandidate], policy: Po
             code="deadline_infeasible",
             retry_after_s=max(1, math.ceil(wait / 1000)),
             min_deadline_ms=None,
+            crowded=crowded,
         )
     # D is feasible iff D - q - max(m, r*D) >= need  <=>  D >= q + m + need and D*(1-r) >= q + need
     min_deadline = math.ceil(max(wait + routing.safety_margin_ms + need,

@@ -31,7 +31,7 @@ from typing import Annotated
 
 import msgspec
 
-from edgeserve.routing.batching import EPSILON_MS, Board, SeqLoad, Timeline, VariantLoad
+from edgeserve.routing.batching import EPSILON_MS, Board, SeqLoad, Timeline, UnservedDemand, VariantLoad
 from edgeserve.routing.costs import predict_ms
 from edgeserve.routing.policy import (
     Decision,
@@ -134,6 +134,7 @@ def simulate(
     timeline = Timeline(dict(variants), chunk_tokens, now_ms=start, cut_at_deadline=True)
     admitted: dict[int, _Admitted] = {}
     outcomes: dict[int, Outcome] = {}
+    unserved = UnservedDemand()
 
     def settle(keys: list[int]) -> None:
         for key in keys:
@@ -143,13 +144,15 @@ def simulate(
         item = trace[i]
         settle(timeline.advance_to(item.arrival_ms))
         lag = timeline.now_ms - item.arrival_ms  # the step under way when it arrived
-        board = _as_published(timeline.board(), variants)
+        board = _as_published(timeline.board(), variants, unserved, timeline.now_ms)
         request = RoutingRequest(prompt_tokens=item.prompt_tokens,
                                  requested_max_tokens=item.max_tokens,
                                  deadline_ms=None if item.deadline_ms is None else item.deadline_ms - lag,
                                  style=style, hint=hint)
         decision = choose(request, candidates, policy, 0.0, board)
         if isinstance(decision, Refusal):
+            if item.deadline_ms is not None:
+                unserved.note(decision.crowded, item.arrival_ms + item.deadline_ms, lambda v: variants[v].parallel)
             outcomes[i] = Outcome(arrival=item, variant=None, refusal_code=decision.code,
                                   budget_tokens=0, expected_accuracy=0.0, realized_accuracy=0.0,
                                   queue_estimate_ms=lag, start_ms=None, finish_ms=None,
@@ -165,11 +168,13 @@ def simulate(
     return _summarise([outcomes[i] for i in range(len(trace))])
 
 
-def _as_published(board: Board, variants: dict[str, VariantLoad]) -> Board:
-    """The board as the server's admission sees it: the profiles (and the recent loads), not how
-    each request really runs."""
+def _as_published(board: Board, variants: dict[str, VariantLoad], unserved: UnservedDemand,
+                  now_ms: float) -> Board:
+    """The board as the server's admission sees it: the profiles (and the recent loads, with the
+    requests turned away for want of room), not how each request really runs."""
     sequences = tuple(replace(s, cost_factor=1.0) for s in board.sequences)
-    published = {name: replace(v, load=board.variants[name].load) for name, v in variants.items()}
+    published = {name: replace(v, load=board.variants[name].load + unserved.count(name, now_ms))
+                 for name, v in variants.items()}
     return replace(board, variants=published, sequences=sequences)
 
 

@@ -88,6 +88,12 @@ class Catalog:
         parallel = {str(vid): v.parallel for vid, v in self.local.items()}
         return self.registry.stepper.board(profiles, parallel, time.perf_counter())
 
+    def note_unserved(self, variant_ids: tuple[str, ...], until: float | None) -> None:
+        """A request turned away only because these local variants were busy (unmet demand,
+        see Stepper.note_unserved); without a deadline it cannot have been."""
+        if until is not None and variant_ids:
+            self.registry.stepper.note_unserved(variant_ids, until)
+
     def local_profiles(self) -> dict[str, CostProfile]:
         """The live profiles of the local variants (what start-up stored and the saver writes)."""
         return {str(vid): v.profile for vid, v in self.local.items() if v.profile is not None}

@@ -110,15 +110,24 @@ class LocalVariant:
 
     # ---- generation ----------------------------------------------------------------------------
 
+    def reserve(self, job: GenerationJob) -> int | None:
+        return self.runner.reserve(job)
+
+    def release(self, reservation: int | None) -> None:
+        self.runner.release(reservation)
+
     async def start(self, job: GenerationJob, prompt: Prompt, *, predicted_ms: float,
-                    min_run_ms: float) -> tuple[Generation, float]:
+                    min_run_ms: float, reservation: int | None = None) -> tuple[Generation, float]:
         """Make the variant resident (under a memory budget), hand the job to the stepping loop
         and wait until it takes a place in the variant's batch (earliest deadline first); a
         request whose deadline can no longer fit its shortest useful run by then is refused."""
-        runner, residency = self._runner(), self._residency
-        if residency is not None:
-            await residency.ensure(runner)
-        generation = runner.submit(job, min_run_ms=min_run_ms)
+        try:
+            runner, residency = self._runner(), self._residency
+            if residency is not None:
+                await residency.ensure(runner)
+            generation = runner.submit(job, min_run_ms=min_run_ms, reservation=reservation)
+        finally:
+            self.release(reservation)  # submitted: already gone; turned away: off the board
         try:
             queue_ms = await generation.joined
         except asyncio.CancelledError:  # the client left while waiting for a place

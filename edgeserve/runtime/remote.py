@@ -141,8 +141,14 @@ class RemoteVariant:
     def tokenize(self, text: str, *, chat: bool) -> list[int]:
         return self._tokenizer().tokenize(text, chat=chat)
 
+    def reserve(self, job: GenerationJob) -> int | None:
+        return None  # it does not share the local board
+
+    def release(self, reservation: int | None) -> None:
+        pass
+
     async def start(self, job: GenerationJob, prompt: Prompt, *, predicted_ms: float = 0.0,
-                    min_run_ms: float = 0.0) -> tuple[Generation, float]:
+                    min_run_ms: float = 0.0, reservation: int | None = None) -> tuple[Generation, float]:
         """Send it upstream; it queues there, not here (0 ms of local queue)."""
         request = RemoteRequest(prompt.messages, prompt.text if prompt.messages is None else None,
                                 len(prompt.tokens))

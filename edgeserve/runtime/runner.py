@@ -151,9 +151,17 @@ class LlamaRunner:
 
     # ---- generation ------------------------------------------------------------------------
 
-    def submit(self, job: GenerationJob, *, min_run_ms: float = 0.0) -> Generation:
+    def reserve(self, job: GenerationJob) -> int:
+        """Count an admitted job on the loop's board until it is submitted (see Stepper.reserve)."""
+        return self.stepper.reserve(self.variant_id, job)
+
+    def release(self, reservation: int | None) -> None:
+        self.stepper.release(reservation)
+
+    def submit(self, job: GenerationJob, *, min_run_ms: float = 0.0, reservation: int | None = None) -> Generation:
         """Queue a job in the stepping loop; iterate the generation for its text, or await
-        `generation.joined` for the moment it takes a place in the batch."""
+        `generation.joined` for the moment it takes a place in the batch. ``reservation``: the
+        key `reserve` gave the job at admission."""
         decoder = self._decoder
         if decoder is None:  # evicted: the residency manager loads a variant before starting it
             raise NotReadyError(f"{self.variant_id} is not loaded")
@@ -161,7 +169,7 @@ class LlamaRunner:
         fail = self._fault_marker is not None and self._fault_marker in b"".join(
             decoder.token_piece(t) for t in job.prompt_tokens).decode("utf-8", "replace")
         self.stepper.submit(self.variant_id, job, generation, min_run_s=min_run_ms / 1000,
-                            fail_after_first=fail)
+                            fail_after_first=fail, reservation=reservation)
         return generation
 
     def close(self) -> None:

@@ -38,7 +38,15 @@ from typing import Protocol
 
 from edgeserve.errors import RefusedError, ShuttingDownError
 from edgeserve.logging import get_logger
-from edgeserve.routing.batching import Board, LoadMeter, SeqLoad, Urgency, VariantLoad, most_urgent
+from edgeserve.routing.batching import (
+    Board,
+    LoadMeter,
+    SeqLoad,
+    UnservedDemand,
+    Urgency,
+    VariantLoad,
+    most_urgent,
+)
 from edgeserve.routing.costs import CostProfile, prefill_ms, step_ms
 from edgeserve.runtime.decoder import BatchEntry
 from edgeserve.runtime.faults import InjectedFault
@@ -56,6 +64,7 @@ log = get_logger("edgeserve.stepper")
 
 IDLE_WAIT_S = 0.5  # an idle loop wakes this often anyway (a missed wake-up costs no more)
 RECENT_STEPS = 64  # pure decode steps kept per batch width (StepStats.recent_decode_ms)
+RESERVATION_TTL_S = 30.0  # a reservation not submitted by then was abandoned: the board forgets it
 
 
 class StepDecoder(Protocol):
@@ -94,6 +103,17 @@ class Work:
     def urgency(self) -> Urgency:
         """Earliest deadline first (none: last); among equals, the earlier arrival."""
         return (math.inf if self.job.deadline_at is None else self.job.deadline_at, self.key)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A job admission has decided on that the loop does not hold yet (the response starts it a
+    few event-loop turns later, or after its variant is loaded): the board counts it as waiting,
+    so a decision made meanwhile sees it instead of an emptier board than there will be."""
+
+    variant_id: str
+    job: GenerationJob
+    made: float
 
 
 @dataclass
@@ -173,6 +193,8 @@ class Stepper:
         self._lanes: dict[str, Lane] = {}
         self._cond = threading.Condition()
         self._keys = itertools.count()
+        self._reserved: dict[int, Reservation] = {}
+        self._unserved = UnservedDemand()  # requests turned away because a variant was busy
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -226,10 +248,35 @@ class Stepper:
         with self._cond:
             return sum(len(lane.running) for lane in self._lanes.values())
 
-    def submit(self, variant_id: str, job: GenerationJob, generation: Generation, *,
-               min_run_s: float = 0.0, fail_after_first: bool = False) -> None:
-        """Queue a job in its lane; `generation.joined` resolves when it takes a place."""
+    def reserve(self, variant_id: str, job: GenerationJob) -> int:
+        """Count an admitted job on the board until it is submitted (with the key returned
+        here, which keeps its place among equal deadlines) or released."""
         with self._cond:
+            key = next(self._keys)
+            self._reserved[key] = Reservation(variant_id, job, self._clock())
+            return key
+
+    def release(self, key: int | None) -> None:
+        """Forget a reservation (the request was turned away or abandoned before it started);
+        a key already submitted or released is ignored."""
+        if key is None:
+            return
+        with self._cond:
+            self._reserved.pop(key, None)
+
+    def note_unserved(self, variant_ids: Iterable[str], until: float) -> None:
+        """A request was turned away only because these variants were busy: it counts in their
+        load until `until` (its deadline; see routing.batching.UnservedDemand)."""
+        with self._cond:
+            known = [v for v in variant_ids if v in self._lanes]
+            self._unserved.note(known, until * 1000, lambda v: self._lanes[v].parallel)
+
+    def submit(self, variant_id: str, job: GenerationJob, generation: Generation, *,
+               min_run_s: float = 0.0, fail_after_first: bool = False, reservation: int | None = None) -> None:
+        """Queue a job in its lane; `generation.joined` resolves when it takes a place.
+        ``reservation``: the key `reserve` gave it at admission (it now waits in its lane)."""
+        with self._cond:
+            reserved = self._reserved.pop(reservation, None) if reservation is not None else None
             lane = self._lanes.get(variant_id)
             if lane is None:
                 raise RuntimeError(f"{variant_id} is not loaded")
@@ -242,7 +289,8 @@ class Stepper:
             if must_wait and waiting >= self.max_queue:
                 raise RefusedError(f"The queue is full ({self.max_queue} requests waiting); retry shortly.",
                                    code="queue_full", retry_after_s=1)
-            work = Work(next(self._keys), job, generation, min_run_s, self._clock(), fail_after_first)
+            key = reservation if reserved is not None and reservation is not None else next(self._keys)
+            work = Work(key, job, generation, min_run_s, self._clock(), fail_after_first)
             lane.waiting.append(work)
             generation.on_cancel = self._wake
             self._cond.notify()
@@ -294,9 +342,27 @@ class Stepper:
                         work.key, variant_id, tokens_left=work.job.max_tokens,
                         prompt_left=len(work.job.prompt_tokens), deadline_ms=_deadline_ms(work, now),
                         running=False, join_width=work.job.join_width))
-            loads = {v: lane.meter.value(now * 1000) for v, lane in self._lanes.items()}
+            sequences.extend(self._reserved_loads(profiles, now))
+            loads = {v: lane.meter.value(now * 1000) + self._unserved.count(v, now * 1000)
+                     for v, lane in self._lanes.items()}
         variants = {v: VariantLoad(p, parallel.get(v, 1), loads.get(v, 0.0)) for v, p in profiles.items()}
         return Board(variants, tuple(sequences), self.chunk_tokens)
+
+    def _reserved_loads(self, profiles: dict[str, CostProfile], now: float) -> list[SeqLoad]:
+        """The reservations as waiting sequences (under the lock); stale ones are dropped."""
+        loads: list[SeqLoad] = []
+        for key, reservation in list(self._reserved.items()):
+            job = reservation.job
+            expired = job.deadline_at is not None and job.deadline_at <= now
+            if expired or now - reservation.made > RESERVATION_TTL_S:
+                del self._reserved[key]
+                continue
+            if reservation.variant_id in profiles:
+                loads.append(SeqLoad(key, reservation.variant_id, tokens_left=job.max_tokens,
+                                     prompt_left=len(job.prompt_tokens),
+                                     deadline_ms=_deadline_ms(reservation, now), running=False,
+                                     join_width=job.join_width))
+        return loads
 
     # ---- the loop (its own thread) ------------------------------------------------------------
 
@@ -608,7 +674,7 @@ def _input_s(profile: CostProfile, seq: Sequence, n_tokens: int) -> float:
     return (prefill_ms(profile, seq.n_past + n_tokens) - prefill_ms(profile, seq.n_past)) / 1000
 
 
-def _deadline_ms(work: Work, now: float) -> float | None:
+def _deadline_ms(work: Work | Reservation, now: float) -> float | None:
     """What the timeline must respect: the deadline less the tail reserve, from `now`."""
     if work.job.deadline_at is None:
         return None

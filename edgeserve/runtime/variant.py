@@ -99,13 +99,21 @@ class Variant(Protocol):
     def tokenize(self, text: str, *, chat: bool) -> list[int]:
         """Tokens of ``text`` (chat: special tokens allowed, no BOS added)."""
 
+    def reserve(self, job: GenerationJob) -> int | None:
+        """Count an admitted job where routing sees it until `start` takes it (a local variant:
+        on the stepping loop's board); the key to give `start`, or None (nothing to count)."""
+
+    def release(self, reservation: int | None) -> None:
+        """Forget a reservation whose request will not start (turned away, abandoned)."""
+
     async def start(self, job: GenerationJob, prompt: Prompt, *, predicted_ms: float,
-                    min_run_ms: float) -> tuple[Generation, float]:
+                    min_run_ms: float, reservation: int | None = None) -> tuple[Generation, float]:
         """Start generating; returns the running generation and the ms it waited to start.
         ``predicted_ms`` is the decision's prediction (its slot in the queue model) and
         ``min_run_ms`` the shortest useful run (a queued request that can no longer fit it is
-        refused). Raises RefusedError (queue full, deadline no longer feasible),
-        RemoteUnavailableError (a remote did not take it) or ShuttingDownError."""
+        refused), ``reservation`` what `reserve` returned for the job. Raises RefusedError (queue
+        full, deadline no longer feasible), RemoteUnavailableError (a remote did not take it) or
+        ShuttingDownError."""
 
     def observe(self, result: GenerationResult) -> None:
         """Fold a finished generation's timings into the cost profile (EWMA)."""

@@ -19,6 +19,7 @@ from edgeserve.runtime.generation import Generation
 from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.registry import ModelRegistry
 from edgeserve.runtime.sequence import GenerationJob, GenerationResult
+from edgeserve.runtime.stepper import Stepper
 from edgeserve.runtime.variant import Prompt, VariantInfo
 from edgeserve.variant_id import VariantId
 
@@ -61,6 +62,7 @@ class FakeVariant:
         self.started: list[GenerationJob] = []
         self.observed: list[GenerationResult] = []
         self.prompts: list[Prompt] = []
+        self.stepper: Stepper | None = None  # the catalog's loop: a local one reserves its jobs there
 
     @property
     def id(self) -> VariantId:
@@ -98,8 +100,16 @@ class FakeVariant:
     def tokenize(self, text: str, *, chat: bool) -> list[int]:
         return words(text)
 
+    def reserve(self, job: GenerationJob) -> int | None:
+        return None if self.remote or self.stepper is None else self.stepper.reserve(str(self._id), job)
+
+    def release(self, reservation: int | None) -> None:
+        if self.stepper is not None:
+            self.stepper.release(reservation)
+
     async def start(self, job: GenerationJob, prompt: Prompt, *, predicted_ms: float,
-                    min_run_ms: float) -> tuple[Generation, float]:
+                    min_run_ms: float, reservation: int | None = None) -> tuple[Generation, float]:
+        self.release(reservation)  # it runs its script, not the loop
         if self.refuse_start is not None:
             if self.remote and isinstance(self.refuse_start, RemoteUnavailableError):
                 self.available = False  # its circuit opens
@@ -184,6 +194,7 @@ def catalog(tmp_path: Path, models_file: ModelsFile,
         for variant in family.local_variants:
             vid = VariantId(family.name, variant.name)
             local[vid] = make(vid, speeds[str(vid)])
+            local[vid].stepper = registry.stepper
         counter = local[VariantId(family.name, family.default.name)]
         for variant in family.variants:
             if variant.remote:

@@ -135,6 +135,26 @@ async def test_what_already_runs_counts_against_the_deadline(tmp_path: Path,
     assert admission.decision.predicted_ms + wait <= 1500
 
 
+async def test_requests_that_arrive_together_are_judged_one_after_the_other(tmp_path: Path) -> None:
+    """The response starts an admitted job a few event-loop turns later; meanwhile its
+    reservation holds its place on the board, so the next decision does not count on a free
+    variant that the first request is about to take."""
+    pipeline, _ = world(tmp_path)
+    first, second = await asyncio.gather(*(
+        pipeline.open(ask("fam:q2_k", max_tokens=200, deadline_ms=700), request_id=f"r{i}", client="c")
+        for i in range(2)))
+    assert first.admission.budget_tokens == 200 and first.admission.decision.queue_wait_ms == 0
+    later = second.admission.decision
+    assert later.queue_wait_ms > 0 and later.max_tokens < 200  # behind the first, in its one place
+    assert later.predicted_ms + later.queue_wait_ms <= 700
+    waiting = [(s.key, s.running) for s in pipeline.catalog.board().sequences]
+    assert waiting == [(first.admission.reservation, False), (second.admission.reservation, False)]
+    first.close()  # never started (the client left): off the board
+    await second.start()  # started: the loop holds it now, not the reservation
+    assert pipeline.catalog.board().sequences == ()
+    second.close()
+
+
 @pytest.mark.parametrize(("model", "headers", "error"), [
     ("gpt-4o", {}, ModelNotFoundError),
     ("fam:q5_k", {}, ModelNotFoundError),

@@ -11,6 +11,7 @@ from edgeserve.routing.batching import (
     LoadMeter,
     SeqLoad,
     Timeline,
+    UnservedDemand,
     VariantLoad,
     fit_budget,
     most_urgent,
@@ -294,6 +295,7 @@ def test_choose_refuses_when_joining_would_make_others_miss(simple_policy, fast_
     assert refusal.code == "deadline_infeasible"
     assert "already admitted" in refusal.reason
     assert refusal.retry_after_s == 3
+    assert refusal.crowded == ("fam:slow",)  # it would fit alone: demand the board should price
 
 
 def test_a_newcomer_waits_rather_than_slow_a_request_that_needs_every_step() -> None:
@@ -332,6 +334,19 @@ def test_load_meter_averages_the_running_count_over_time_and_fades_when_idle() -
     meter.observe(10_000, 0)
     assert meter.value(11_000) == pytest.approx(2.0, abs=0.01)
     assert meter.value(30_000) < 0.01
+
+
+def test_unserved_demand_counts_until_each_deadline_and_at_most_parallel() -> None:
+    demand = UnservedDemand()
+    four = {"f:a": 4, "f:b": 2}.__getitem__
+    demand.note(["f:a"], 1000, four)
+    demand.note(["f:a", "f:b"], 3000, four)
+    assert (demand.count("f:a", 0), demand.count("f:b", 0), demand.count("f:c", 0)) == (2, 1, 0)
+    assert demand.count("f:a", 1000) == 1  # the first one's deadline has passed
+    for until in (4000, 5000, 6000):
+        demand.note(["f:b"], until, four)
+    assert demand.count("f:b", 0) == 2  # capped at its 2 places: the latest deadlines stay
+    assert demand.count("f:b", 4500) == 2 and demand.count("f:b", 5500) == 1
 
 
 def test_a_busy_variant_prices_a_lone_newcomer_at_its_recent_width() -> None:

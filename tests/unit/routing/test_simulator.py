@@ -143,6 +143,22 @@ def test_four_simultaneous_requests_share_a_batch_with_parallel_4(
     assert one_by_one.refusals_by_code == {"deadline_infeasible": 2} and one_by_one.hit_rate == 1.0
 
 
+def test_requests_turned_away_for_room_make_later_ones_share_the_batch(
+        simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
+    """Four clients ask together every second, each with a 2 s deadline. The first is priced
+    alone and takes the whole batch (the other three would make it miss). Their refusals count
+    as demand until their deadlines, so later groups are priced at the width they will really
+    share and most of each group is admitted; every admitted request keeps its deadline."""
+    fast = [batched(fast_slow[0], {2: 1.2, 3: 1.35, 4: 1.5})]
+    trace = [Arrival(arrival_ms=k * 1000 + j, prompt_tokens=50, max_tokens=400, deadline_ms=2000)
+             for k in range(6) for j in range(4)]
+    result = simulate(trace, fast, simple_policy, parallel=4)
+    groups = [result.outcomes[k * 4:(k + 1) * 4] for k in range(6)]
+    assert [o.variant is not None for o in groups[0]] == [True, False, False, False]
+    assert sum(o.variant is not None for group in groups[2:] for o in group) >= 12  # of 16
+    assert result.admitted >= 3 * 6 and result.hit_rate == 1.0
+
+
 def test_the_simulator_and_fit_budget_agree_on_an_admission(
         simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
     """B arrives at 300 ms while A (100 tokens, due at 1100 ms) decodes; B joining slows A's

@@ -293,6 +293,50 @@ async def test_board_reports_what_runs_and_waits(stepper: Stepper) -> None:
     await asyncio.gather(running.text(), waiting.text())
 
 
+async def test_a_reserved_job_waits_on_the_board_until_it_is_submitted_or_released(stepper: Stepper) -> None:
+    """Admission reserves the job it decided on, so a decision made before the response starts
+    it sees it; submitting with the key keeps that key (its place among equal deadlines)."""
+    stepper.attach("f:a", FakeDecoder(step_s=0.01), parallel=1)
+    profile = CostProfile(variant_id="f:a", prefill_ms_per_token=1.0, decode_ms_per_token=2.0)
+
+    def board_keys() -> list[tuple[int, bool]]:
+        board = stepper.board({"f:a": profile}, {"f:a": 1}, time.perf_counter())
+        return [(s.key, s.running) for s in board.sequences]
+
+    now = time.perf_counter()
+    kept = stepper.reserve("f:a", job([1, 2, 3], 9, deadline_at=now + 10))
+    dropped = stepper.reserve("f:a", job([4], 5))
+    board = stepper.board({"f:a": profile}, {"f:a": 1}, time.perf_counter())
+    reserved = {s.key: s for s in board.sequences}
+    assert reserved[kept].tokens_left == 9 and reserved[kept].prompt_left == 3 and not reserved[kept].running
+    assert reserved[kept].deadline_ms is not None and 9000 < reserved[kept].deadline_ms < 10_000
+    assert reserved[dropped].deadline_ms is None
+    stepper.release(dropped)
+    assert board_keys() == [(kept, False)]
+    generation = Generation(asyncio.get_running_loop(), flush_interval_s=0.0)
+    stepper.submit("f:a", job([1, 2, 3], 9, deadline_at=now + 10), generation, reservation=kept)
+    await generation.joined
+    assert board_keys() == [(kept, True)]  # the same sequence, now running: counted once
+    await generation.text()
+    assert board_keys() == []
+
+
+async def test_a_reservation_past_its_deadline_leaves_the_board(stepper: Stepper) -> None:
+    stepper.attach("f:a", FakeDecoder(), parallel=1)
+    profile = CostProfile(variant_id="f:a", prefill_ms_per_token=1.0, decode_ms_per_token=2.0)
+    stepper.reserve("f:a", job([1], 5, deadline_at=time.perf_counter() - 0.001))
+    assert stepper.board({"f:a": profile}, {"f:a": 1}, time.perf_counter()).sequences == ()
+
+
+async def test_a_request_turned_away_for_room_counts_in_the_load_until_its_deadline(stepper: Stepper) -> None:
+    stepper.attach("f:a", FakeDecoder(), parallel=2)
+    profile = CostProfile(variant_id="f:a", prefill_ms_per_token=1.0, decode_ms_per_token=2.0)
+    now = time.perf_counter()
+    stepper.note_unserved(["f:a", "f:gone"], now + 0.5)  # a lane that is not in the loop is skipped
+    assert stepper.board({"f:a": profile}, {"f:a": 2}, now).variants["f:a"].load == 1.0
+    assert stepper.board({"f:a": profile}, {"f:a": 2}, now + 0.6).variants["f:a"].load == 0.0
+
+
 async def test_detach_refuses_a_busy_lane_and_frees_an_idle_one(stepper: Stepper) -> None:
     decoder = FakeDecoder(step_s=0.002)
     stepper.attach("f:a", decoder, parallel=1)
