@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from edgeserve.errors import ModelPreparationError
 from edgeserve.runtime.gguf_check import diagnose
@@ -290,6 +291,34 @@ class Decoder:
             raise DecodeError(code, n)
         return {seq_id: int(llama_cpp.llama_sampler_sample(self._samplers[seq_id], self._ctx, index))
                 for seq_id, index in outputs}
+
+    def greedy_after_each(self, seq_id: int, tokens: Seq[int], pos: int) -> list[int]:
+        """Evaluate `tokens` of a started sequence at positions pos, pos + 1, ... (in steps of at
+        most n_batch tokens) with logits after every one; returns the most likely next token
+        after each: what greedy decoding would choose at each point. Its sampler is left alone.
+
+        One call checks a whole run of proposed tokens at once: the verify step of speculative
+        decoding, and how a draft variant's agreement with its target is measured."""
+        if seq_id not in self._samplers:
+            raise KeyError(f"sequence {seq_id} was not started with new_sequence")
+        batch = self._batch
+        best: list[int] = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = pos + start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq_id
+                batch.logits[i] = 1
+            batch.n_tokens = len(chunk)
+            code = llama_cpp.llama_decode(self._ctx, batch)
+            if code != 0:
+                raise DecodeError(code, len(chunk))
+            for i in range(len(chunk)):
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
+                best.append(int(logits.argmax()))
+        return best
 
     # ---- lifetime --------------------------------------------------------------------------
 

@@ -150,6 +150,27 @@ def test_a_copied_prefix_gives_the_same_tokens_as_evaluating_the_prompt_whole(de
     assert tokens == expected
 
 
+def test_one_pass_over_an_answer_predicts_each_of_its_greedy_tokens(decoder: Decoder) -> None:
+    """greedy_after_each: the prompt and a greedy answer read in one pass give, after each
+    position, the token greedy decoding chose there (the verify step of speculative decoding);
+    an input longer than n_batch is read in several steps."""
+    prompt = chat(decoder, QUESTIONS[3], SYSTEM)
+    answer = alone(decoder, prompt, 24)
+    decoder.new_sequence(0, GREEDY)
+    best = decoder.greedy_after_each(0, prompt + answer[:-1], 0)
+    assert len(best) == len(prompt) + len(answer) - 1 and decoder.n_past(0) == len(best)
+    assert best[len(prompt) - 1:] == answer
+    decoder.free_sequence(0)
+
+    long_input = (prompt * (decoder.n_batch // len(prompt) + 2))[:decoder.n_batch + 40]
+    decoder.new_sequence(0, GREEDY)
+    assert len(decoder.greedy_after_each(0, long_input, 0)) == decoder.n_batch + 40
+    assert decoder.n_past(0) == decoder.n_batch + 40
+    decoder.free_sequence(0)
+    with pytest.raises(KeyError, match="not started"):  # freed: no sequence to read into
+        decoder.greedy_after_each(0, prompt, 0)
+
+
 def test_seeded_sampling_repeats_and_the_chain_is_per_sequence(decoder: Decoder) -> None:
     warm = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, min_p=0.05, seed=7, repeat_penalty=1.1)
     prompt = chat(decoder, QUESTIONS[1])

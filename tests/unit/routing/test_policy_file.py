@@ -35,9 +35,9 @@ def test_default_policy_shape() -> None:
             curve = policy.curves[variant][style]
             for budget in (16, 64, 256, 1000):
                 assert 0 <= curve.accuracy(budget) < 0.1  # a 135M model solves a few % of GSM8K
-    # the aav curves are still placeholders: q8_0 = q4_1 (requantized from it) > q2_k
-    q2, q4, q8 = (policy.curves[v]["aav"] for v in ("q2_k", "q4_1", "q8_0"))
-    assert all(q8.accuracy(b) == q4.accuracy(b) > q2.accuracy(b) for b in (16, 64, 256, 1000))
+    # both styles were swept at the same budgets: what the router compares is measured, not guessed
+    for curves in policy.curves.values():
+        assert list(curves["aav"].budgets) == list(curves["boxed"].budgets) == [32, 64, 128, 256, 512]
 
 
 def test_study_policy_matches_the_published_figures() -> None:
