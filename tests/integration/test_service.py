@@ -10,6 +10,7 @@ import pytest
 from edgeserve.config import ModelsFile
 from edgeserve.errors import RefusedError
 from edgeserve.pipeline import InferenceRequest, Pipeline
+from edgeserve.pipeline.admission import Admission
 from edgeserve.routing.costs import CostProfile
 from edgeserve.routing.policy_file import PolicyFile, parse_policy
 from edgeserve.runtime.catalog import Catalog
@@ -65,10 +66,18 @@ async def pipeline(models_file: ModelsFile, prepared: dict[str, PreparedVariant]
     registry.close()
 
 
+async def decided(pipeline: Pipeline, request: InferenceRequest) -> Admission:
+    """Admission alone: these tests look at decisions and start nothing, so each decided job's
+    reservation on the board is released (a Run does that when it is closed)."""
+    admission = await pipeline.admit(request)
+    admission.variant.release(admission.reservation)
+    return admission
+
+
 async def test_the_model_receives_the_style_and_the_budget_hint(pipeline: Pipeline) -> None:
     request = InferenceRequest(model=f"{FAMILY}:q4_1", messages=[{"role": "user", "content": QUESTION}],
                                max_tokens=64, style="boxed", hint=True)
-    admission = await pipeline.admit(request)
+    admission = await decided(pipeline, request)
     instruction = pipeline.policies[FAMILY].styles["boxed"].instruction
     expected_user_turn = (f"<|im_start|>user\n{QUESTION}\n\n{instruction}\n"
                           f"You MUST respond in **UNDER 32 tokens**<|im_end|>\n")
@@ -83,7 +92,7 @@ async def test_without_a_deadline_the_prompt_is_left_as_the_client_sent_it(pipel
                                                                             max_tokens: int | None) -> None:
     request = InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": QUESTION}],
                                max_tokens=max_tokens)
-    admission = await pipeline.admit(request)
+    admission = await decided(pipeline, request)
     assert "You MUST respond" not in admission.prompt.text
     assert admission.decision.hint_tokens is None
 
@@ -91,16 +100,16 @@ async def test_without_a_deadline_the_prompt_is_left_as_the_client_sent_it(pipel
 async def test_with_a_deadline_the_hint_is_on_by_default(pipeline: Pipeline) -> None:
     request = InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": QUESTION}],
                                max_tokens=64, deadline_ms=60_000)
-    admission = await pipeline.admit(request)
+    admission = await decided(pipeline, request)
     assert admission.decision.hint_tokens == 32
     assert "You MUST respond in **UNDER 32 tokens**" in admission.prompt.text
 
 
 async def test_a_tight_deadline_goes_to_the_fast_variant_and_a_loose_one_to_the_better(pipeline: Pipeline) -> None:
     messages = [{"role": "user", "content": QUESTION}]
-    tight = await pipeline.admit(InferenceRequest(model=FAMILY, messages=messages, max_tokens=300,
+    tight = await decided(pipeline, InferenceRequest(model=FAMILY, messages=messages, max_tokens=300,
                                                 deadline_ms=350))
-    loose = await pipeline.admit(InferenceRequest(model=FAMILY, messages=messages, max_tokens=300,
+    loose = await decided(pipeline, InferenceRequest(model=FAMILY, messages=messages, max_tokens=300,
                                                 deadline_ms=60_000))
     # At 350 ms q2_k (3 ms/token) fits four times the tokens of q4_1, which outweighs its lower
     # curve; with time to spare, the curves
@@ -113,7 +122,7 @@ async def test_a_tight_deadline_goes_to_the_fast_variant_and_a_loose_one_to_the_
 
 async def test_a_refusal_names_the_deadline(pipeline: Pipeline) -> None:
     with pytest.raises(RefusedError) as refused:
-        await pipeline.admit(InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": "hi"}],
+        await decided(pipeline, InferenceRequest(model=FAMILY, messages=[{"role": "user", "content": "hi"}],
                                             deadline_ms=2))
     assert refused.value.code == "deadline_infeasible"
 
@@ -122,7 +131,7 @@ async def test_answer_forcing_closes_a_boxed_answer_within_the_budget(pipeline: 
     request = InferenceRequest(model=f"{FAMILY}:q4_1", messages=[{"role": "user", "content": QUESTION}],
                                max_tokens=40, answer_forcing="on", hint=False,
                                sampling=SamplingParams(temperature=0.0))
-    admission = await pipeline.admit(request)
+    admission = await decided(pipeline, request)
     generation, _ = await pipeline.start(admission)
     text = await generation.text()
     assert generation.result is not None
