@@ -58,6 +58,9 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=1,
                    help="requests in flight (default 1; more than the server's slots makes them queue, "
                         "which eats into their deadlines)")
+    p.add_argument("--retry-refused", action="store_true",
+                   help="a patient client: after a 429 deadline_infeasible wait its Retry-After and ask "
+                        "again with what is left of the deadline (for --concurrency above 1)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="max_tokens of every deadline request (default: none, the deadline decides)")
     p.add_argument("--timeout", type=float, default=600.0,
@@ -147,7 +150,7 @@ async def _ask(args: argparse.Namespace, problems: Sequence[Any], policies: list
     from edgeserve.tools.eval.records import DONE_STATUSES, RESULTS_FILE, ResultsWriter, done_keys, latest, read_records
     from edgeserve.tools.eval.runner import Progress, ServerGoneError, run_items
 
-    async with EvalClient(args.url, timeout_s=args.timeout) as client:
+    async with EvalClient(args.url, timeout_s=args.timeout, retry_refused=args.retry_refused) as client:
         served = await client.served_models()
         family = served.family(args.model)
         variants = served.families[family]

@@ -4,12 +4,17 @@ Headers carry the experiment: ``X-Deadline-Ms``, ``X-Budget-Hint``, ``X-Prompt-S
 optionally ``X-Answer-Forcing``; the server adds the style instruction and the budget hint to the
 question itself. Temperature 0 (greedy), so a rerun asks the same thing and gets the same answer.
 A 429 ``deadline_infeasible`` is a refusal; any other error status, a dropped connection or a
-timeout is recorded as such, never dropped.
+timeout is recorded as such, never dropped. A patient client (``retry_refused``) waits the
+refusal's ``Retry-After`` and asks again with what is left of the same deadline, as long as some
+of it is left: the way to measure several requests in flight, where a client that takes the
+first 429 as final would run through its questions while one answer is being made.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +51,13 @@ class ServedModels:
         return next(iter(self.families))
 
 
-def request_for(item: WorkItem, family: str) -> tuple[dict[str, str], dict[str, Any]]:
-    """The headers and JSON body of one question."""
+def request_for(item: WorkItem, family: str,
+                deadline_left_ms: int | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """The headers and JSON body of one question (``deadline_left_ms``: what is left of its
+    deadline when it is asked again after a refusal)."""
     headers = {"X-Prompt-Style": item.style, "X-Budget-Hint": "on" if item.hint else "off"}
     if item.deadline_ms is not None:
-        headers["X-Deadline-Ms"] = str(item.deadline_ms)
+        headers["X-Deadline-Ms"] = str(item.deadline_ms if deadline_left_ms is None else deadline_left_ms)
     if item.forcing is not None:
         headers["X-Answer-Forcing"] = "on" if item.forcing else "off"
     elif item.mode == "sweep":  # a curve says what was measured: not what a policy's `auto` chose
@@ -70,8 +77,11 @@ class EvalClient:
     """An async client of one edgeserve; ``timeout_s`` bounds any one request."""
 
     def __init__(self, base_url: str, timeout_s: float = 600.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, *, retry_refused: bool = False,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.timeout_s = timeout_s
+        self.retry_refused = retry_refused
+        self._sleep = sleep
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport)
 
     async def __aenter__(self) -> EvalClient:
@@ -98,13 +108,32 @@ class EvalClient:
         return ServedModels(families)
 
     async def answer(self, item: WorkItem, family: str) -> AnswerRecord:
-        """Ask one question and grade the reply; never raises for a server or network failure."""
-        headers, body = request_for(item, family)
+        """Ask one question and grade the reply; never raises for a server or network failure.
+        With ``retry_refused`` a refusal is asked again after its Retry-After, with the rest of
+        the deadline, while at least 1 ms of it would be left (``attempts`` counts the asks;
+        ``latency_ms`` runs from the first)."""
+        started, started_at = time.perf_counter(), round(time.time(), 3)
+        left_ms = item.deadline_ms
+        attempts = 1
+        while True:
+            record = await self._ask(item, family, left_ms, started)
+            if not self.retry_refused or record.status != "refused" or item.deadline_ms is None:
+                break
+            wait_s = record.retry_after_s or 1
+            left_ms = int(item.deadline_ms - _ms_since(started) - wait_s * 1000)
+            if left_ms < 1:
+                break
+            await self._sleep(wait_s)
+            left_ms = int(item.deadline_ms - _ms_since(started))
+            attempts += 1
+        return _with(record, attempts=attempts, started_at=started_at)
+
+    async def _ask(self, item: WorkItem, family: str, deadline_left_ms: int | None, started: float) -> AnswerRecord:
+        headers, body = request_for(item, family, deadline_left_ms)
         timeout = self.timeout_s
         if item.deadline_ms is not None:
             timeout = min(timeout, item.deadline_ms / 1000 + DEADLINE_SLACK_S)
         base = _base_record(item, body["model"])
-        started = time.perf_counter()
         try:
             response = await self._http.post("/v1/chat/completions", json=body, headers=headers,
                                              timeout=timeout)

@@ -55,6 +55,7 @@ class AnswerRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
     forced: bool | None = None  # whether the server forced the answer (its policy may decide)
     min_deadline_ms: float | None = None
     retry_after_s: int | None = None
+    attempts: int = 1  # asks of this question (a patient client asks again after a refusal)
     text: str | None = None
     extracted: str | None = None
     extracted_value: str | None = None

@@ -82,6 +82,35 @@ async def test_a_deadline_refusal_is_recorded_as_refused() -> None:
     assert "deadline" in (record.error or "")
 
 
+async def test_a_patient_client_asks_again_with_what_is_left_of_the_deadline() -> None:
+    asked: list[int] = []
+    slept: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(int(request.headers["X-Deadline-Ms"]))
+        if len(asked) == 1:
+            error = {"error": {"message": "busy", "code": "deadline_infeasible"}}
+            return httpx.Response(429, json=error, headers={"Retry-After": "2"})
+        return httpx.Response(200, json=reply())
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    transport = httpx.MockTransport(handler)
+    async with EvalClient("http://edge.test", timeout_s=5, transport=transport, retry_refused=True,
+                          sleep=sleep) as client:
+        record = await client.answer(item(deadline_ms=3000), "fam")
+        assert record.status == "ok" and record.attempts == 2 and slept == [2]
+        assert asked[0] == 3000 and 0 < asked[1] <= 3000  # the same deadline, less the time gone
+        asked.clear()
+        slept.clear()
+        short = await client.answer(item(deadline_ms=1500), "fam")  # 2 s of waiting leave nothing
+        assert short.status == "refused" and short.attempts == 1 and slept == [] and asked == [1500]
+    async with client_for(handler) as impatient:
+        asked.clear()
+        assert (await impatient.answer(item(), "fam")).status == "refused" and len(asked) == 1
+
+
 @pytest.mark.parametrize(
     ("response", "needle"),
     [(httpx.Response(500, json={"error": {"message": "boom", "code": None}}), "500"),
