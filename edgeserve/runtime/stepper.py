@@ -336,12 +336,8 @@ class Stepper:
                     sequences.append(SeqLoad(
                         work.key, variant_id, tokens_left=max(seq.max_tokens - seq.n_generated, 1),
                         prompt_left=len(seq.pending) if seq.prefilling else 0, context=seq.n_past,
-                        deadline_ms=_deadline_ms(work, now), running=True))
-                for work in lane.waiting:
-                    sequences.append(SeqLoad(
-                        work.key, variant_id, tokens_left=work.job.max_tokens,
-                        prompt_left=len(work.job.prompt_tokens), deadline_ms=_deadline_ms(work, now),
-                        running=False, join_width=work.job.join_width))
+                        deadline_ms=_deadline_ms(work.job, now), running=True))
+                sequences += [_waiting_load(work.key, variant_id, work.job, now) for work in lane.waiting]
             sequences.extend(self._reserved_loads(profiles, now))
             loads = {v: lane.meter.value(now * 1000) + self._unserved.count(v, now * 1000)
                      for v, lane in self._lanes.items()}
@@ -358,10 +354,7 @@ class Stepper:
                 del self._reserved[key]
                 continue
             if reservation.variant_id in profiles:
-                loads.append(SeqLoad(key, reservation.variant_id, tokens_left=job.max_tokens,
-                                     prompt_left=len(job.prompt_tokens),
-                                     deadline_ms=_deadline_ms(reservation, now), running=False,
-                                     join_width=job.join_width))
+                loads.append(_waiting_load(key, reservation.variant_id, job, now))
         return loads
 
     # ---- the loop (its own thread) ------------------------------------------------------------
@@ -674,8 +667,14 @@ def _input_s(profile: CostProfile, seq: Sequence, n_tokens: int) -> float:
     return (prefill_ms(profile, seq.n_past + n_tokens) - prefill_ms(profile, seq.n_past)) / 1000
 
 
-def _deadline_ms(work: Work | Reservation, now: float) -> float | None:
+def _deadline_ms(job: GenerationJob, now: float) -> float | None:
     """What the timeline must respect: the deadline less the tail reserve, from `now`."""
-    if work.job.deadline_at is None:
+    if job.deadline_at is None:
         return None
-    return (work.job.deadline_at - now - TAIL_RESERVE_S) * 1000
+    return (job.deadline_at - now - TAIL_RESERVE_S) * 1000
+
+
+def _waiting_load(key: int, variant_id: str, job: GenerationJob, now: float) -> SeqLoad:
+    """A job not yet in a batch (waiting for a place, or reserved by admission) as the board shows it."""
+    return SeqLoad(key, variant_id, tokens_left=job.max_tokens, prompt_left=len(job.prompt_tokens),
+                   deadline_ms=_deadline_ms(job, now), running=False, join_width=job.join_width)
