@@ -18,6 +18,7 @@ PACKAGE_SCHEME = "package://"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN, max_length=64)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PAIR_JOIN = "+"  # a speculative pair's name: target+draft (no configured name contains it)
 
 
 class VariantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -42,6 +43,12 @@ class VariantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
     # How many requests of this variant share one batch (decoded together per step). Each keeps
     # the full n_ctx: the KV cache holds n_ctx × parallel tokens. 1: one request at a time.
     parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    # Speculative decoding: another local variant of the family (a cheaper quantization) that
+    # drafts up to `draft_max` tokens for this one to check in one pass. The pair is then one
+    # more routing candidate, `<this>+<draft>` (for example q8_0+q2_k), with this variant's
+    # quality and its own measured cost; both stay loaded, no weights are added.
+    draft: Name | None = None
+    draft_max: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
 
     @property
     def threads(self) -> int:
@@ -68,7 +75,29 @@ class FamilyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     policy: Annotated[str, msgspec.Meta(min_length=1)] | None = None
 
     def variant(self, name: str) -> VariantConfig | None:
-        return next((v for v in self.variants if v.name == name), None)
+        """A configured variant, or a speculative pair by its name (`q8_0+q2_k`)."""
+        return next((v for v in self.routable if v.name == name), None)
+
+    @property
+    def speculative_variants(self) -> list[VariantConfig]:
+        """One per local variant with a `draft`: named `<target>+<draft>`, with the target's
+        settings (its context, threads and `parallel` places)."""
+        return [msgspec.structs.replace(v, name=f"{v.name}{PAIR_JOIN}{v.draft}")
+                for v in self.local_variants if v.draft is not None]
+
+    @property
+    def routable(self) -> list[VariantConfig]:
+        """Every variant a request can run on: the configured ones, then the speculative pairs."""
+        return [*self.variants, *self.speculative_variants]
+
+    def pair(self, name: str) -> tuple[VariantConfig, VariantConfig] | None:
+        """(target, draft) of a speculative pair's name; None for any other name."""
+        target_name, join, draft_name = name.partition(PAIR_JOIN)
+        target = next((v for v in self.variants if v.name == target_name), None) if join else None
+        if target is None or target.draft != draft_name:
+            return None
+        draft = next(v for v in self.variants if v.name == draft_name)
+        return target, draft
 
     @property
     def local_variants(self) -> list[VariantConfig]:
@@ -146,6 +175,8 @@ def _check_consistency(path: Path, models: ModelsFile) -> None:
                     f"{vwhere}: give exactly one of `path` (a GGUF file) or `quant` "
                     "(derived from the family's `source` by `edgeserve models prepare`)"
                 )
+            if variant.draft is not None:
+                _check_draft(vwhere, family, variant)
             if variant.quant is not None and family.source is None:
                 raise ConfigError(
                     f"{vwhere}.quant: variant '{variant.name}' is derived (quant = "
@@ -153,7 +184,21 @@ def _check_consistency(path: Path, models: ModelsFile) -> None:
                 )
 
 
+def _check_draft(where: str, family: FamilyConfig, variant: VariantConfig) -> None:
+    draft = next((v for v in family.variants if v.name == variant.draft), None)
+    locals_ = [v.name for v in family.local_variants if v.name != variant.name]
+    if draft is None or draft.remote or draft is variant:
+        raise ConfigError(f"{where}.draft: '{variant.draft}' is not another local variant of family "
+                          f"'{family.name}' (one of {locals_})")
+    if draft.n_ctx < variant.n_ctx:
+        raise ConfigError(f"{where}.draft: the draft '{draft.name}' has n_ctx = {draft.n_ctx}, less than "
+                          f"this variant's {variant.n_ctx}; a draft must hold every position its target does")
+
+
 def _check_remote(where: str, variant: VariantConfig) -> None:
+    if variant.draft is not None:
+        raise ConfigError(f"{where}.draft: a remote variant cannot have a draft (speculative decoding "
+                          "runs two local variants of this board)")
     if variant.path is not None or variant.quant is not None:
         raise ConfigError(f"{where}: a remote variant has no `path` or `quant` (it runs elsewhere)")
     if variant.base_url is None or not re.match(r"^https?://[^/\s]+", variant.base_url):

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from edgeserve.pipeline.record import OUTCOMES, CompletionRecord
 from edgeserve.runtime.catalog import Catalog
 from edgeserve.runtime.loader import ResidencyManager
+from edgeserve.runtime.pair_runner import PairRunner
 
 NO_VARIANT = "none"  # the variant label of a request refused or rejected before routing chose one
 
@@ -126,6 +127,13 @@ def _batching_metrics(catalog: Catalog) -> Iterator[Metric]:
                                  "Prompt tokens whose KV was reused instead of evaluated.", labels=["variant"])
     running = GaugeMetricFamily("edgeserve_running_sequences", "Sequences in the variant's batch now.",
                                 labels=["variant"])
+    drafted = CounterMetricFamily("edgeserve_spec_decode_draft_tokens",
+                                  "Speculative pairs: tokens the draft variant proposed.", labels=["variant"])
+    accepted = CounterMetricFamily("edgeserve_spec_decode_accepted_tokens",
+                                   "Speculative pairs: proposed tokens the target agreed with.", labels=["variant"])
+    acceptance = GaugeMetricFamily("edgeserve_spec_decode_acceptance_ratio",
+                                   "Speculative pairs: accepted over proposed tokens since the start.",
+                                   labels=["variant"])
     for vid, variant in catalog.local.items():
         label = str(vid)
         stepper = variant.runner.stepper
@@ -139,7 +147,11 @@ def _batching_metrics(catalog: Catalog) -> Iterator[Metric]:
         tokens.add_metric([label], stats.tokens_decoded)
         chunks.add_metric([label], stats.prefill_chunks)
         cached.add_metric([label], stats.cached_tokens)
-    yield from (steps, seconds, tokens, chunks, cached, running)
+        if isinstance(variant.runner, PairRunner):
+            drafted.add_metric([label], stats.drafted_tokens)
+            accepted.add_metric([label], stats.accepted_tokens)
+            acceptance.add_metric([label], stats.accepted_tokens / max(stats.drafted_tokens, 1))
+    yield from (steps, seconds, tokens, chunks, cached, running, drafted, accepted, acceptance)
 
 
 def _residency_metrics(manager: ResidencyManager | None) -> Iterator[Metric]:

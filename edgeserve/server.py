@@ -95,7 +95,11 @@ def assemble(settings: ServerSettings, models: ModelsFile, prepared: dict[str, P
     lifespan starts."""
     stepper = Stepper(settings.prefill_chunk, settings.max_queue)
     registry = ModelRegistry(models, prepared, stepper)
-    residency = ResidencyManager(registry.runners, settings.memory_budget_bytes, settings.min_residency_s)
+    residency = ResidencyManager(registry.file_runners, settings.memory_budget_bytes, settings.min_residency_s)
+    if registry.pairs and not residency.fits_all:
+        raise ConfigError(f"speculative pairs ({', '.join(registry.pairs)}) need their target and draft resident "
+                          "together, but the memory budget cannot hold every variant: raise --memory-budget "
+                          "or remove `draft` from models.toml")
     log.info("residency", budget=format_bytes(residency.budget_bytes) if residency.budget_bytes is not None
              else "unlimited", min_residency_s=settings.min_residency_s,
              detail="every variant stays loaded" if residency.fits_all else

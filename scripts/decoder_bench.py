@@ -41,7 +41,7 @@ def main() -> None:
             last, pos = {}, {}
             for i, prompt in enumerate(prompts):
                 decoder.new_sequence(i, greedy)
-                last[i], pos[i] = decoder.step([BatchEntry(i, prompt, 0)])[i], len(prompt)
+                last[i], pos[i] = decoder.step([BatchEntry(i, prompt, 0)])[i][0], len(prompt)
             steps = []
             started = time.perf_counter()
             for _ in range(args.tokens):
@@ -49,7 +49,7 @@ def main() -> None:
                 out = decoder.step([BatchEntry(i, [last[i]], pos[i]) for i in range(width)])
                 steps.append((time.perf_counter() - t) * 1000)
                 for i in range(width):
-                    last[i], pos[i] = out[i], pos[i] + 1
+                    last[i], pos[i] = out[i][0], pos[i] + 1
             total = time.perf_counter() - started
             print(f"{'unified' if args.unified else 'split'} KV, {width} sequences: median step "
                   f"{statistics.median(steps):.2f} ms, aggregate {width * args.tokens / total:.1f} tok/s")

@@ -41,11 +41,11 @@ def chat_tokens(decoder: Decoder, question: str) -> list[int]:
 def answer(decoder: Decoder, prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
     """The greedy answer (up to an end-of-generation token) and the median decode step in ms."""
     decoder.new_sequence(0, GREEDY)
-    tokens = [decoder.step([BatchEntry(0, prompt, 0)])[0]]
+    tokens = [decoder.step([BatchEntry(0, prompt, 0)])[0][0]]
     steps = []
     while len(tokens) < max_tokens and not decoder.is_eog(tokens[-1]):
         started = time.perf_counter()
-        tokens.append(decoder.step([BatchEntry(0, [tokens[-1]], len(prompt) + len(tokens) - 1)])[0])
+        tokens.append(decoder.step([BatchEntry(0, [tokens[-1]], len(prompt) + len(tokens) - 1)])[0][0])
         steps.append((time.perf_counter() - started) * 1000)
     decoder.free_sequence(0)
     return tokens, statistics.median(steps) if steps else 0.0

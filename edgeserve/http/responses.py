@@ -86,7 +86,7 @@ def usage_of(result: GenerationResult) -> Usage:
 
 def timings_of(result: GenerationResult) -> Timings:
     return Timings(result.prompt_n, round(result.prompt_ms, 3), result.predicted_n,
-                   round(result.predicted_ms, 3), result.cache_n)
+                   round(result.predicted_ms, 3), result.cache_n, result.drafted_n, result.accepted_n)
 
 
 def info_of(ctx: CompletionContext, result: GenerationResult) -> EdgeserveInfo:
@@ -103,6 +103,8 @@ def info_of(ctx: CompletionContext, result: GenerationResult) -> EdgeserveInfo:
         reason=decision.reason,
         style=ctx.admission.style,
         answer_forcing=ctx.admission.job.forcing is not None,
+        drafted_tokens=result.drafted_n,
+        accepted_tokens=result.accepted_n,
     )
 
 

@@ -100,6 +100,8 @@ class Timings(msgspec.Struct):
     predicted_n: int
     predicted_ms: float
     cache_n: int = 0  # prompt tokens taken from the KV cache (not evaluated)
+    draft_n: int = 0  # speculative pairs: tokens the draft proposed
+    draft_n_accepted: int = 0  # of which the target agreed with
 
 
 class EdgeserveInfo(msgspec.Struct):
@@ -117,6 +119,8 @@ class EdgeserveInfo(msgspec.Struct):
     reason: str
     style: str | None = None  # the style instruction added to the prompt (None: none)
     answer_forcing: bool = False  # whether the answer was forced when the budget or time ran short
+    drafted_tokens: int = 0  # speculative pairs: tokens the draft variant proposed
+    accepted_tokens: int = 0  # of which the target agreed with (each saved the target a step)
 
 
 class AssistantMessage(msgspec.Struct):

@@ -56,6 +56,8 @@ class CompletionRecord(msgspec.Struct, kw_only=True, frozen=True):
     client: str
     cached_prompt_tokens: int = 0  # prompt tokens whose KV came from a cache (batched runtime)
     batch_width: float = 1.0  # mean sequences per decode step it ran in (batched runtime)
+    drafted_tokens: int = 0  # speculative pairs: tokens the draft proposed
+    accepted_tokens: int = 0  # of which the target agreed with
     # For the metrics only:
     turned_away: bool = False  # never ran: refused, rejected, or failed before it started
     prompt_ms: float = 0.0  # prefill and first token in the model; 0: it never reached one
@@ -124,6 +126,8 @@ def log_fields(record: CompletionRecord) -> dict[str, object]:
         "completion_tokens": record.completion_tokens,
         "cached_prompt_tokens": record.cached_prompt_tokens,
         "batch_width": record.batch_width,
+        "drafted_tokens": record.drafted_tokens,
+        "accepted_tokens": record.accepted_tokens,
         "finish": record.finish,
         "outcome": record.outcome,
         "code": record.code,
@@ -169,6 +173,8 @@ class Recorder:
             client=client,
             cached_prompt_tokens=result.cache_n if result else 0,
             batch_width=round(result.mean_batch, 2) if result else 1.0,
+            drafted_tokens=result.drafted_n if result else 0,
+            accepted_tokens=result.accepted_n if result else 0,
             prompt_ms=result.prompt_ms if result else 0.0,
             decode_ms=result.predicted_ms if result else 0.0,
             prediction_error=error,

@@ -59,6 +59,10 @@ class CostProfile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froz
     # a step of one (measured by calibration at a few widths, interpolated between them).
     # Empty: nothing measured, and a step of ``w`` is assumed to cost ``w`` steps (no gain).
     batch_step_factors: dict[int, float] = {}
+    # Speculative pairs (a draft variant proposes, the target verifies): the mean tokens one
+    # decode step yields. The per-token costs above are then effective ones (a step's time over
+    # its tokens), and a step takes ``tokens_per_step`` times the per-token cost. 1 otherwise.
+    tokens_per_step: Annotated[float, msgspec.Meta(ge=1)] = 1.0
 
     def __post_init__(self) -> None:
         if self.decode_ms_per_token <= 0 and self.decode_growth_ms_per_token_per_1k_ctx <= 0:

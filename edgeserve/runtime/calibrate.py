@@ -52,6 +52,12 @@ class CalibrationPlan:
 class CalibrationSamples:
     prefill: list[tuple[int, float]] = field(default_factory=list)  # (prompt tokens, ms)
     decode: list[tuple[int, float]] = field(default_factory=list)  # (context position, ms/token)
+    tokens: int = 0  # decoded tokens (after the first of each request)
+    steps: int = 0  # decode steps they took (fewer than tokens for a speculative pair)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return max(self.tokens / self.steps, 1.0) if self.steps else 1.0
 
 
 def host_name() -> str:
@@ -128,9 +134,15 @@ async def measure(runner: LlamaRunner, plan: CalibrationPlan,
         assert result is not None
         # One sample per context: the median step at the middle position. Single steps jitter
         # (a preempted thread), and a least-squares line through raw steps chases the jitter.
+        # A speculative pair's steps yield several tokens (the others take 0 ms): its sample is
+        # the mean, the effective cost of a token at the acceptance this text had.
         if result.token_ms:
             middle = result.prompt_n + (len(result.token_ms) + 1) // 2
-            samples.decode.append((middle, statistics.median(result.token_ms)))
+            per_token = (sum(result.token_ms) / len(result.token_ms) if result.drafted_n
+                         else statistics.median(result.token_ms))
+            samples.decode.append((middle, per_token))
+            samples.tokens += len(result.token_ms)
+            samples.steps += len(result.token_ms) - result.accepted_n
         if progress and result.token_ms:
             mean = sum(result.token_ms) / len(result.token_ms)
             progress(f"{runner.variant_id}: decode at context {context}: {mean:.1f} ms/token")
@@ -177,7 +189,7 @@ async def calibrate(runner: LlamaRunner, sha256: str, plan: CalibrationPlan,
                     progress: Callable[[str], None] | None = None) -> CostProfile:
     samples = await measure(runner, plan, progress)
     factors = await measure_batching(runner, progress=progress)
-    return fit_profile(
+    profile = fit_profile(
         samples.prefill,
         samples.decode,
         variant_id=runner.variant_id,
@@ -187,6 +199,7 @@ async def calibrate(runner: LlamaRunner, sha256: str, plan: CalibrationPlan,
         load_ms=runner.load_ms or 0.0,
         batch_step_factors=factors,
     )
+    return msgspec.structs.replace(profile, tokens_per_step=samples.tokens_per_step)
 
 
 async def ensure_profiles(
@@ -211,7 +224,7 @@ async def ensure_profiles(
 
     paths: dict[str, tuple[str, Path]] = {}
     for runner in runners:
-        sha256 = await asyncio.to_thread(hashes.sha256, runner.path)
+        sha256 = await asyncio.to_thread(profile_key, runner, hashes)
         path = profile_path(cache_dir, sha256, runner.config.threads, host)
         paths[runner.variant_id] = (sha256, path)
         profile = None if force else load_profile(path)
@@ -241,6 +254,15 @@ async def ensure_profiles(
     return profiles
 
 
+def profile_key(runner: LlamaRunner, hashes: HashIndex) -> str:
+    """What a profile is keyed by: the GGUF's sha256; for a speculative pair, a hash of both
+    files' and the draft length (its costs depend on all three)."""
+    shas = [hashes.sha256(file) for file in runner.files]
+    if len(shas) == 1:
+        return shas[0]
+    return hashlib.sha256(f"{'+'.join(shas)}|draft_max={runner.config.draft_max}".encode()).hexdigest()
+
+
 def covers_batching(profile: CostProfile, parallel: int) -> bool:
     """The profile knows what a step of every width up to `parallel` costs (measured up to it)."""
     return parallel < 2 or max(profile.batch_step_factors, default=1) >= parallel
@@ -258,7 +280,9 @@ def implausible(runner: LlamaRunner, runners: list[LlamaRunner], profiles: dict[
     about the same per byte. A profile more than `factor` times its siblings' median per byte
     was almost surely measured under load."""
     family = VariantId.parse(runner.variant_id).family
-    siblings = [r for r in runners if VariantId.parse(r.variant_id).family == family]
+    if len(runner.files) > 1:  # a speculative pair: its cost is not one file's read per token
+        return False
+    siblings = [r for r in runners if VariantId.parse(r.variant_id).family == family and len(r.files) == 1]
     if len(siblings) < 3:  # with two, which one is wrong cannot be told
         return False
 

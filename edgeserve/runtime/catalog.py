@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
+from edgeserve.config import PAIR_JOIN
 from edgeserve.routing.batching import Board
 from edgeserve.routing.costs import CostProfile
 from edgeserve.runtime.loader import ResidencyManager
@@ -40,6 +41,11 @@ class Catalog:
                 vid = VariantId(family.name, variant.name)
                 local[vid] = LocalVariant(vid, registry.runners[str(vid)], residency,
                                           profiles.get(vid), on_observed)
+            for pair in family.speculative_variants:  # both halves stay resident (start-up checks)
+                vid = VariantId(family.name, pair.name)
+                target = pair.name.partition(PAIR_JOIN)[0]
+                local[vid] = LocalVariant(vid, registry.runners[str(vid)], None, profiles.get(vid), on_observed,
+                                          curve_name=target)
         for family in registry.models.families:
             counter = local[VariantId(family.name, family.default.name)]
             for variant in family.variants:

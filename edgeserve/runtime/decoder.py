@@ -60,12 +60,17 @@ class DecodeError(RuntimeError):
 @dataclass(frozen=True)
 class BatchEntry:
     """`tokens` of sequence `seq_id` at positions pos, pos + 1, ...; `logits`: sample a token
-    after the last of them (with that sequence's sampler chain)."""
+    after the last of them (with that sequence's sampler chain). `verify`: instead, the most
+    likely token after EACH of them (the check of drafted tokens in speculative decoding).
+    `draft_limit`: how many tokens a speculative decoder may draft after this entry (the
+    sequence's tokens left less the one this step samples); a plain decoder ignores it."""
 
     seq_id: int
     tokens: Seq[int]
     pos: int
     logits: bool = True
+    verify: bool = False
+    draft_limit: int = 0
 
 
 class Decoder:
@@ -257,68 +262,74 @@ class Decoder:
 
     # ---- the step --------------------------------------------------------------------------
 
-    def step(self, entries: Seq[BatchEntry]) -> dict[int, int]:
-        """Evaluate every entry in one llama_decode; returns {seq_id: sampled token} for the
-        entries that wanted logits. Each sequence appears at most once, and its tokens must
-        continue exactly where its KV cache ends (llama.cpp checks positions)."""
+    def step(self, entries: Seq[BatchEntry]) -> dict[int, list[int]]:
+        """Evaluate every entry in one llama_decode; returns, for each entry that wanted logits,
+        its sequence's sampled token ([token]) or, for a `verify` entry, the greedy token after
+        each of its tokens. Each sequence appears at most once, and its tokens must continue
+        exactly where its KV cache ends (llama.cpp checks positions)."""
         batch = self._batch
-        outputs: list[tuple[int, int]] = []  # (seq_id, index in the batch)
+        outputs: list[tuple[BatchEntry, int]] = []  # (entry, index of its first token in the batch)
+        seen: set[int] = set()
         n = 0
         for entry in entries:
             if entry.seq_id not in self._samplers:
                 raise KeyError(f"sequence {entry.seq_id} was not started with new_sequence")
             if not entry.tokens:
                 raise ValueError(f"an entry of sequence {entry.seq_id} has no tokens")
-            if any(seq_id == entry.seq_id for seq_id, _ in outputs):
+            if entry.seq_id in seen:
                 raise ValueError(f"sequence {entry.seq_id} appears twice in one step")
+            seen.add(entry.seq_id)
             if n + len(entry.tokens) > self.n_batch:
                 raise ValueError(f"the step holds more than n_batch = {self.n_batch} tokens")
+            first = n
             for offset, token in enumerate(entry.tokens):
                 batch.token[n] = token
                 batch.pos[n] = entry.pos + offset
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = entry.seq_id
-                batch.logits[n] = 0
+                batch.logits[n] = entry.verify
                 n += 1
-            if entry.logits:
+            if entry.logits or entry.verify:
                 batch.logits[n - 1] = 1
-                outputs.append((entry.seq_id, n - 1))
+                outputs.append((entry, first))
         if n == 0:
             return {}
         batch.n_tokens = n
         code = llama_cpp.llama_decode(self._ctx, batch)
         if code != 0:
             raise DecodeError(code, n)
-        return {seq_id: int(llama_cpp.llama_sampler_sample(self._samplers[seq_id], self._ctx, index))
-                for seq_id, index in outputs}
+        out: dict[int, list[int]] = {}
+        for entry, first in outputs:
+            if entry.verify:
+                out[entry.seq_id] = [self._argmax(first + i) for i in range(len(entry.tokens))]
+            else:
+                last = first + len(entry.tokens) - 1
+                out[entry.seq_id] = [int(llama_cpp.llama_sampler_sample(self._samplers[entry.seq_id], self._ctx, last))]
+        return out
+
+    def _argmax(self, index: int) -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self.n_vocab,))
+        return int(logits.argmax())
 
     def greedy_after_each(self, seq_id: int, tokens: Seq[int], pos: int) -> list[int]:
         """Evaluate `tokens` of a started sequence at positions pos, pos + 1, ... (in steps of at
         most n_batch tokens) with logits after every one; returns the most likely next token
         after each: what greedy decoding would choose at each point. Its sampler is left alone.
-
-        One call checks a whole run of proposed tokens at once: the verify step of speculative
-        decoding, and how a draft variant's agreement with its target is measured."""
-        if seq_id not in self._samplers:
-            raise KeyError(f"sequence {seq_id} was not started with new_sequence")
-        batch = self._batch
+        How a draft variant's agreement with its target is measured (scripts/draft_acceptance.py)."""
         best: list[int] = []
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
-            for i, token in enumerate(chunk):
-                batch.token[i] = token
-                batch.pos[i] = pos + start + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq_id
-                batch.logits[i] = 1
-            batch.n_tokens = len(chunk)
-            code = llama_cpp.llama_decode(self._ctx, batch)
-            if code != 0:
-                raise DecodeError(code, len(chunk))
-            for i in range(len(chunk)):
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
-                best.append(int(logits.argmax()))
+            best += self.step([BatchEntry(seq_id, chunk, pos + start, verify=True)])[seq_id]
         return best
+
+    def keep(self, seq_id: int, n_tokens: int) -> None:
+        """Cut the sequence's KV back to positions 0..n_tokens-1 (drafted tokens the target
+        rejected, or accepted ones its rules did not use)."""
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, n_tokens, -1)
+
+    def drafted(self, seq_id: int) -> int:
+        """Tokens drafted for the sequence in the last step: none, a plain decoder drafts nothing."""
+        return 0
 
     # ---- lifetime --------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from msgspec.structs import replace
+
 from edgeserve.errors import NotReadyError
 from edgeserve.routing.costs import CostProfile, observe, width_factor
 from edgeserve.routing.policy import VariantCandidate
@@ -24,8 +26,11 @@ from edgeserve.variant_id import VariantId
 class LocalVariant:
     def __init__(self, variant_id: VariantId, runner: LlamaRunner,
                  residency: ResidencyManager | None = None, profile: CostProfile | None = None,
-                 on_observed: Callable[[], None] | None = None) -> None:
+                 on_observed: Callable[[], None] | None = None, curve_name: str | None = None) -> None:
         self._id = variant_id
+        # whose quality curves it has: its own, or its target's for a speculative pair (the
+        # same text, token for token, at another cost)
+        self.curve_name = curve_name or variant_id.name
         self.runner = runner
         self._residency = residency  # None: every variant stays loaded (no memory budget)
         self.profile = profile  # set by start-up (calibration or the stored one)
@@ -79,7 +84,7 @@ class LocalVariant:
         if self.profile is None:
             raise NotReadyError(f"{self._id} is not calibrated yet")
         available, load_ms, why = self._residency_of()
-        return VariantCandidate(variant_id=str(self._id), name=self._id.name, profile=self.profile,
+        return VariantCandidate(variant_id=str(self._id), name=self.curve_name, profile=self.profile,
                                 n_ctx=self.n_ctx, available=available, load_ms=load_ms,
                                 unavailable_reason=why)
 
@@ -147,7 +152,11 @@ class LocalVariant:
             decode_ms = result.step_ms / width_factor(self.profile, round(result.mean_batch))
         # the prompt's own chunks, not the steps of other sequences and variants between them
         prompt_ms = result.prefill_step_ms if result.prefill_step_ms > 0 else result.prompt_ms
-        self.profile = observe(self.profile, result.prompt_evaluated, prompt_ms, steps, decode_ms)
+        profile = observe(self.profile, result.prompt_evaluated, prompt_ms, steps, decode_ms)
+        if result.drafted_n and steps:  # a speculative pair: how many tokens its steps yield now
+            yielded = steps / max(steps - result.accepted_n, 1)
+            profile = replace(profile, tokens_per_step=max(0.8 * profile.tokens_per_step + 0.2 * yielded, 1.0))
+        self.profile = profile
         if self._on_observed is not None:
             self._on_observed()
 

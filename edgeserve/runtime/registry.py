@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from edgeserve.config import FamilyConfig, ModelsFile, VariantConfig
 from edgeserve.errors import ModelNotFoundError, NotReadyError
+from edgeserve.runtime.pair_runner import PairRunner
 from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.runner import LlamaRunner
 from edgeserve.runtime.stepper import Stepper
@@ -26,7 +27,7 @@ class Target:
     @property
     def ids(self) -> list[VariantId]:
         """Every variant of the family (the routing candidates), in models.toml order."""
-        return [self.variant_id(v) for v in self.family.variants]
+        return [self.variant_id(v) for v in self.family.routable]
 
     @property
     def pinned_id(self) -> VariantId | None:
@@ -54,11 +55,26 @@ class ModelRegistry:
             for variant in family.local_variants:
                 variant_id = str(VariantId(family.name, variant.name))
                 self.runners[variant_id] = LlamaRunner(variant_id, prepared[variant_id].path, variant, self.stepper)
+        self.pairs: dict[str, PairRunner] = {}  # loaded after the variants they compose
+        for family in models.families:
+            for pair in family.speculative_variants:
+                composed = family.pair(pair.name)
+                assert composed is not None
+                target, draft = composed
+                pair_id = str(VariantId(family.name, pair.name))
+                self.pairs[pair_id] = PairRunner(pair_id, self.runners[str(VariantId(family.name, target.name))],
+                                                 self.runners[str(VariantId(family.name, draft.name))])
+        self.runners.update(self.pairs)
+
+    @property
+    def file_runners(self) -> dict[str, LlamaRunner]:
+        """The runners that load a GGUF file of their own (every one but the speculative pairs)."""
+        return {v: r for v, r in self.runners.items() if v not in self.pairs}
 
     @property
     def ids(self) -> list[VariantId]:
         """Every configured variant, local and remote, in models.toml order."""
-        return [VariantId(f.name, v.name) for f in self.models.families for v in f.variants]
+        return [VariantId(f.name, v.name) for f in self.models.families for v in f.routable]
 
     @property
     def names(self) -> list[str]:
@@ -111,5 +127,5 @@ class ModelRegistry:
         """End the loop (what still runs ends as cancelled, what waits is refused), then free
         every variant."""
         self.stepper.close()
-        for runner in self.runners.values():
+        for runner in reversed(self.runners.values()):  # the pairs before the variants they use
             runner.close()

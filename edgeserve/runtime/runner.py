@@ -25,6 +25,7 @@ from edgeserve.runtime.decoder import Decoder
 from edgeserve.runtime.faults import fault_marker
 from edgeserve.runtime.generation import Generation
 from edgeserve.runtime.sequence import GenerationJob
+from edgeserve.runtime.speculative import SpeculativeDecoder
 from edgeserve.runtime.stepper import Stepper
 
 
@@ -40,7 +41,10 @@ class LlamaRunner:
         self.load_ms: float | None = None
         self.unload_ms: float | None = None
         self.profile: CostProfile | None = None  # kept current by its LocalVariant (prefill deadline checks)
-        self._decoder: Decoder | None = None
+        # sequence ids its context holds beyond `parallel`: the places of speculative pairs it
+        # drafts or verifies for (runtime.pair_runner)
+        self.extra_sequences = 0
+        self._decoder: Decoder | SpeculativeDecoder | None = None
         self._formatter: Any = None
         # After `unload`, a vocabulary-only Llama (no weights, a few MB) keeps tokenize() working,
         # so admission can count and shape prompts of a variant that is not resident. The lock
@@ -60,6 +64,16 @@ class LlamaRunner:
     @property
     def file_bytes(self) -> int:
         return self.path.stat().st_size
+
+    @property
+    def files(self) -> list[Path]:
+        """The GGUF files its costs depend on (calibration keys its profile by their hashes)."""
+        return [self.path]
+
+    @property
+    def decoder(self) -> Decoder | None:
+        """Its llama.cpp context while loaded (a speculative pair composes two of them)."""
+        return self._decoder if isinstance(self._decoder, Decoder) else None
 
     @property
     def usable(self) -> bool:
@@ -85,7 +99,7 @@ class LlamaRunner:
         started = time.perf_counter()
         try:
             decoder = Decoder(self.path, n_ctx=self.config.n_ctx, n_threads=self.config.threads,
-                              parallel=self.config.parallel,
+                              parallel=self.config.parallel, n_seq_max=self.config.parallel + self.extra_sequences,
                               n_batch=max(self.config.n_batch, self.stepper.chunk_tokens + self.config.parallel),
                               use_mlock=self.config.use_mlock)
         except (ValueError, RuntimeError) as exc:

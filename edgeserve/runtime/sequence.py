@@ -92,6 +92,8 @@ class GenerationResult:
     step_ms: float = 0.0  # llama.cpp time of the decode steps it took part in (no waits between them)
     prefill_step_ms: float = 0.0  # llama.cpp time of its prompt chunks (no waits between them)
     queue_ms: float = 0.0  # waiting for a place in its variant's batch
+    drafted_n: int = 0  # speculative decoding: tokens the draft proposed
+    accepted_n: int = 0  # of which the target agreed with (each saved one target step)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class Sequence:
         self.n_generated = 0
         self.prompt_ms = 0.0
         self.token_ms: list[float] = []
+        self._step_ms: list[float] = []  # between steps (a speculative step yields several tokens)
         self._pending: list[int] = list(prompt[self.cache_n :])
         self._n_forced = 0  # how many of the pending tokens are the forced prefix (at the end)
         self._cancelled = False
@@ -193,7 +196,7 @@ class Sequence:
         between; a step a little slower than the one before must not overrun the deadline),
         plus `extra_s`, what rides along in this step that the others did not carry (another
         sequence's prompt chunk)."""
-        recent = self.token_ms[-RECENT_STEPS:]
+        recent = self._step_ms[-RECENT_STEPS:]
         history = (max(recent) if recent else 0.0) / 1000
         return (history if step_s is None else max(step_s, history)) + extra_s
 
@@ -230,9 +233,12 @@ class Sequence:
         self.n_past += n
         return step
 
-    def on_token(self, token: int, piece: bytes, *, eog: bool, now: float, batch: int = 1) -> None:
+    def on_token(self, token: int, piece: bytes, *, eog: bool, now: float, batch: int = 1,
+                 same_step: bool = False) -> None:
         """The token sampled after the last input; `piece` its bytes, `eog` whether it ends
-        generation, `batch` how many sequences the step decoded."""
+        generation, `batch` how many sequences the step decoded. `same_step`: a further token of
+        the step that gave the previous one (speculative decoding: an accepted draft, fed
+        already): it took no time of its own, and the deadline rule's pace is per step."""
         if self.finished:
             raise RuntimeError("the sequence has finished")
         if self._started is None:
@@ -242,6 +248,8 @@ class Sequence:
         else:
             self.token_ms.append((now - self._last) * 1000)
             self._widths.append(batch)
+            if not same_step:
+                self._step_ms.append((now - self._last) * 1000)
         self._last = now
         if eog and not self.job.ignore_eos:
             self.end("stop")

@@ -78,7 +78,9 @@ class StepDecoder(Protocol):
     def free_sequence(self, seq_id: int) -> None: ...
     def copy_prefix(self, src: int, dst: int, n_tokens: int) -> None: ...
     def accept(self, seq_id: int, tokens: Iterable[int]) -> None: ...
-    def step(self, entries: Seq[BatchEntry]) -> dict[int, int]: ...
+    def step(self, entries: Seq[BatchEntry]) -> dict[int, list[int]]: ...
+    def keep(self, seq_id: int, n_tokens: int) -> None: ...
+    def drafted(self, seq_id: int) -> int: ...
     def token_piece(self, token: int, *, special: bool = False) -> bytes: ...
     def is_eog(self, token: int) -> bool: ...
 
@@ -98,6 +100,8 @@ class Work:
     joined: float | None = None
     step_s: float = 0.0  # llama.cpp time of the decode steps it took part in
     prefill_s: float = 0.0  # llama.cpp time of its prompt chunks (their share of the steps)
+    drafted: int = 0  # speculative decoding: tokens drafted for it, and accepted by the target
+    accepted: int = 0
 
     @property
     def urgency(self) -> Urgency:
@@ -135,6 +139,8 @@ class StepStats:
     tokens_decoded: int = 0  # sequences × steps: the sum of batch widths
     prefill_chunks: int = 0
     cached_tokens: int = 0
+    drafted_tokens: int = 0  # speculative decoding: proposed by the draft
+    accepted_tokens: int = 0  # of which the target agreed with
     widths: dict[int, int] = field(default_factory=dict)  # batch width → steps
     # the last few pure decode steps (no prompt chunk) per batch width, in ms: calibration reads
     # its batching factors from them; bounded, so a long-running server does not grow
@@ -580,17 +586,20 @@ class Stepper:
         """The predicted cost of one decode step of these sequences (None: no profile)."""
         if profile is None or not decoding:
             return None
-        context = sum(w.sequence.n_past for w in decoding if w.sequence is not None) / len(decoding)
-        return step_ms(profile, len(decoding), context) / 1000
+        return _decoding_step_s(profile, decoding)
 
     @staticmethod
     def _take(work: Work, limit: int) -> BatchEntry:
-        assert work.sequence is not None and work.place is not None
-        step = work.sequence.take_input(limit)
-        work.place.tokens.extend(step.tokens)
-        return BatchEntry(work.place.seq_id, step.tokens, step.pos, step.logits)
+        """The sequence's next input as a batch entry; a decoding sequence may have up to its
+        tokens left (less the one this step samples) drafted after it."""
+        seq, place = work.sequence, work.place
+        assert seq is not None and place is not None
+        step = seq.take_input(limit)
+        place.tokens.extend(step.tokens)
+        draft_limit = max(seq.max_tokens - seq.n_generated - 1, 0) if not seq.prefilling else 0
+        return BatchEntry(place.seq_id, step.tokens, step.pos, step.logits, draft_limit=draft_limit)
 
-    def _apply(self, lane: Lane, members: list[Work], sampled: dict[int, int], now: float,
+    def _apply(self, lane: Lane, members: list[Work], sampled: dict[int, list[int]], now: float,
                elapsed_s: float) -> None:
         width = len(members)
         stats = lane.stats
@@ -616,8 +625,7 @@ class Stepper:
                 work.step_s += elapsed_s - chunk_s
             if place.seq_id not in sampled:
                 continue  # a prompt chunk that is not its last: nothing sampled yet
-            token = sampled[place.seq_id]
-            seq.on_token(token, decoder.token_piece(token), eog=decoder.is_eog(token), now=now, batch=width)
+            self._hand_tokens(lane, work, sampled[place.seq_id], now, width)
             if seq.forced:
                 decoder.accept(place.seq_id, seq.forced)
             for piece in seq.drain():
@@ -629,14 +637,40 @@ class Stepper:
                 self._leave(lane, work, None)
 
     @staticmethod
+    def _hand_tokens(lane: Lane, work: Work, tokens: list[int], now: float, width: int) -> None:
+        """Give the sequence what the step sampled for it: one token, or with speculative
+        decoding the drafted tokens the target accepted and the target's own next one. Those
+        accepted ones are in the KV cache already; each counts as fed once the sequence takes
+        it. Its rules may stop earlier (a stop string, max tokens, answer forcing starting):
+        then the KV is cut back to what the sequence took, so it holds exactly `place.tokens`."""
+        seq, place, decoder = work.sequence, work.place, lane.decoder
+        assert seq is not None and place is not None
+        drafted = decoder.drafted(place.seq_id)
+        if drafted:
+            accepted = len(tokens) - 1
+            work.drafted += drafted
+            work.accepted += accepted
+            lane.stats.drafted_tokens += drafted
+            lane.stats.accepted_tokens += accepted
+        for i, token in enumerate(tokens):
+            if i > 0:
+                if seq.finished or len(seq.pending) != 1:
+                    break  # ended, or a forced prefix comes next: the rest is not used
+                step = seq.take_input(1)  # the previous token, fed already in this step
+                place.tokens.extend(step.tokens)
+            seq.on_token(token, decoder.token_piece(token), eog=decoder.is_eog(token), now=now, batch=width,
+                         same_step=i > 0)
+        if len(tokens) > 1:
+            decoder.keep(place.seq_id, len(place.tokens))
+
+    @staticmethod
     def _chunk_share_s(lane: Lane, decoding: list[Work], elapsed_s: float) -> float:
         """The part of a step's time that its prompt chunk took: the step less what its decoding
         sequences' tokens cost by the variant's profile (the whole step when none decoded)."""
         profile = lane.profile()
         if not decoding or profile is None:
             return elapsed_s
-        context = sum(w.sequence.n_past for w in decoding if w.sequence is not None) / len(decoding)
-        return max(elapsed_s - step_ms(profile, len(decoding), context) / 1000, 0.0)
+        return max(elapsed_s - _decoding_step_s(profile, decoding), 0.0)
 
     def _leave(self, lane: Lane, work: Work, error: BaseException | None, *, keep_kv: bool = True) -> None:
         """The sequence is done: its place is free (its KV kept for prefix reuse, unless it
@@ -657,9 +691,17 @@ class Stepper:
         result = seq.result()
         result.step_ms = work.step_s * 1000
         result.prefill_step_ms = work.prefill_s * 1000
+        result.drafted_n, result.accepted_n = work.drafted, work.accepted
         if work.joined is not None:
             result.queue_ms = (work.joined - work.submitted) * 1000
         work.generation._emit_end(result)
+
+
+def _decoding_step_s(profile: CostProfile, decoding: list[Work]) -> float:
+    """The predicted cost of one decode step of these sequences: per token, times the tokens a
+    step yields (more than one for a speculative pair, whose per-token costs are effective ones)."""
+    context = sum(w.sequence.n_past for w in decoding if w.sequence is not None) / len(decoding)
+    return step_ms(profile, len(decoding), context) * profile.tokens_per_step / 1000
 
 
 def _input_s(profile: CostProfile, seq: Sequence, n_tokens: int) -> float:

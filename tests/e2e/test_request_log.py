@@ -13,7 +13,8 @@ pytestmark = pytest.mark.e2e
 QUESTION = [{"role": "user", "content": "Name three colours."}]
 FIELDS = {"request_id", "family", "variant", "deadline_ms", "predicted_ms", "actual_ms", "queue_ms",
           "budget_tokens", "hint_tokens", "prompt_tokens", "completion_tokens", "finish", "outcome", "code",
-          "client", "cached_prompt_tokens", "batch_width", "level", "timestamp", "event"}
+          "client", "cached_prompt_tokens", "batch_width", "drafted_tokens", "accepted_tokens", "level",
+          "timestamp", "event"}
 
 
 def post(server: Server, request_id: str, headers: dict[str, str] | None = None, **body: object) -> int:

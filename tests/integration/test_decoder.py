@@ -52,10 +52,10 @@ def alone(decoder: Decoder, prompt: list[int], n_tokens: int, seq_id: int = 0,
           sampling: SamplingParams = GREEDY) -> list[int]:
     """The plain way: the whole prompt in one step, then one token per step, nothing else in the batch."""
     decoder.new_sequence(seq_id, sampling)
-    tokens = [decoder.step([BatchEntry(seq_id, prompt, 0)])[seq_id]]
+    tokens = [decoder.step([BatchEntry(seq_id, prompt, 0)])[seq_id][0]]
     while len(tokens) < n_tokens:
         pos = len(prompt) + len(tokens) - 1
-        tokens.append(decoder.step([BatchEntry(seq_id, [tokens[-1]], pos)])[seq_id])
+        tokens.append(decoder.step([BatchEntry(seq_id, [tokens[-1]], pos)])[seq_id][0])
     decoder.free_sequence(seq_id)
     return tokens
 
@@ -86,7 +86,7 @@ def together(decoder: Decoder, prompts: list[list[int]], n_tokens: int, *, chunk
         sampled = decoder.step(entries)
         widths.append(len(entries))
         now = time.perf_counter()
-        for seq_id, token in sampled.items():
+        for seq_id, (token,) in sampled.items():
             outputs[seq_id].append(token)
             seqs[seq_id].on_token(token, decoder.token_piece(token), eog=decoder.is_eog(token), now=now,
                                   batch=len(entries))
@@ -143,9 +143,9 @@ def test_a_copied_prefix_gives_the_same_tokens_as_evaluating_the_prompt_whole(de
     decoder.copy_prefix(0, 1, shared)
     assert decoder.n_past(1) == shared
     decoder.free_sequence(0)  # the shared cells stay with sequence 1
-    tokens = [decoder.step([BatchEntry(1, second[shared:], shared)])[1]]
+    tokens = [decoder.step([BatchEntry(1, second[shared:], shared)])[1][0]]
     while len(tokens) < 24:
-        tokens.append(decoder.step([BatchEntry(1, [tokens[-1]], len(second) + len(tokens) - 1)])[1])
+        tokens.append(decoder.step([BatchEntry(1, [tokens[-1]], len(second) + len(tokens) - 1)])[1][0])
     decoder.free_sequence(1)
     assert tokens == expected
 
@@ -213,9 +213,9 @@ def test_a_sequence_id_reused_for_a_prompt_with_the_same_prefix_keeps_that_prefi
         decoder.new_sequence(0, GREEDY, keep=len(first) + 1)
     decoder.new_sequence(0, GREEDY, keep=shared)
     assert decoder.n_past(0) == shared
-    tokens = [decoder.step([BatchEntry(0, second[shared:], shared)])[0]]
+    tokens = [decoder.step([BatchEntry(0, second[shared:], shared)])[0][0]]
     while len(tokens) < 16:
-        tokens.append(decoder.step([BatchEntry(0, [tokens[-1]], len(second) + len(tokens) - 1)])[0])
+        tokens.append(decoder.step([BatchEntry(0, [tokens[-1]], len(second) + len(tokens) - 1)])[0][0])
     decoder.free_sequence(0)
     assert decoder.n_past(0) == 0
     assert tokens == expected

@@ -250,3 +250,35 @@ def test_two_families_with_a_q8_0_get_their_own_curves() -> None:
 def test_an_empty_policy_path_is_rejected(tmp_path: Path) -> None:
     message = config_error(tmp_path, FAMILY + 'policy = ""\n' + VARIANT)
     assert "families[0].policy" in message
+
+
+BIG = """
+[[families.variants]]
+name = "big"
+quant = "Q8_0"
+draft = "small"
+draft_max = 3
+"""
+
+
+def test_a_variant_with_a_draft_adds_a_speculative_pair(tmp_path: Path) -> None:
+    family = load_text(tmp_path, FAMILY + VARIANT + BIG).families[0]
+    assert [v.name for v in family.routable] == ["small", "big", "big+small"]
+    assert [v.name for v in family.local_variants] == ["small", "big"]  # what `models prepare` makes
+    composed = family.pair("big+small")
+    assert composed is not None and [v.name for v in composed] == ["big", "small"]
+    pair = family.variant("big+small")
+    assert pair is not None and pair.quant == "Q8_0" and pair.draft_max == 3
+    assert family.pair("big") is None and family.pair("big+other") is None
+
+
+@pytest.mark.parametrize("text,message", [
+    (FAMILY + VARIANT + BIG.replace('draft = "small"', 'draft = "tiny"'), "is not another local variant"),
+    (FAMILY + VARIANT + BIG.replace('draft = "small"', 'draft = "big"'), "is not another local variant"),
+    (FAMILY + VARIANT.replace('quant = "Q2_K"', 'quant = "Q2_K"\nn_ctx = 512') + BIG, "a draft must hold"),
+    (FAMILY + VARIANT + REMOTE + 'draft = "small"\n', "a remote variant cannot have a draft"),
+    (FAMILY + VARIANT + BIG.replace("draft_max = 3", "draft_max = 0"), "draft_max"),
+])
+def test_bad_drafts_are_explained(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_text(tmp_path, text)

@@ -45,7 +45,7 @@ accuracy = [%s, %s]
 QUESTION = [{"role": "user", "content": "What is two plus two?"}]
 LOG_FIELDS = ["request_id", "family", "variant", "deadline_ms", "predicted_ms", "budget_tokens", "hint_tokens",
               "queue_ms", "actual_ms", "prompt_tokens", "completion_tokens", "cached_prompt_tokens", "batch_width",
-              "finish", "outcome", "code", "client"]
+              "drafted_tokens", "accepted_tokens", "finish", "outcome", "code", "client"]
 
 
 def policy(name: str, q2: tuple[float, float], q8: tuple[float, float]) -> PolicyFile:

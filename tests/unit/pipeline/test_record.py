@@ -90,4 +90,4 @@ def test_the_log_line_rounds_times_and_keeps_the_record_only_fields_out() -> Non
                               client="c", prediction_error=0.5)
     fields = log_fields(record)
     assert fields["predicted_ms"] == 12.3 and fields["queue_ms"] == 0.0 and fields["actual_ms"] == 100.0
-    assert "prediction_error" not in fields and "turned_away" not in fields and len(fields) == 17
+    assert "prediction_error" not in fields and "turned_away" not in fields and len(fields) == 19

@@ -390,3 +390,19 @@ def test_forcing_the_request_asks_for_is_kept_even_unmeasured(knobs_policy: Poli
     off = choose(RoutingRequest(prompt_tokens=50, deadline_ms=1000, style="boxed", forcing=False),
                  fast_slow, knobs_policy, 0)
     assert isinstance(off, Decision) and off.forcing is False
+
+
+def speculative(ms_per_token: float) -> VariantCandidate:
+    """The slow variant's speculative pair: the same curve (its text is the target's), its own cost."""
+    return VariantCandidate(variant_id="fam:slow+fast", name="slow",
+                            profile=flat_profile("fam:slow+fast", ms_per_token), n_ctx=4096)
+
+
+@pytest.mark.parametrize("deadline", [4500.0, 6000.0, None])
+def test_a_speculative_pair_is_chosen_only_when_it_is_cheaper_than_its_target(
+        deadline: float | None, simple_policy: PolicyFile, fast_slow: list[VariantCandidate]) -> None:
+    request = RoutingRequest(prompt_tokens=50, deadline_ms=deadline)
+    cheaper = choose(request, [*fast_slow, speculative(20.0)], simple_policy, 0.0)
+    assert isinstance(cheaper, Decision) and cheaper.variant_id == "fam:slow+fast"
+    dearer = choose(request, [*fast_slow, speculative(40.0)], simple_policy, 0.0)
+    assert isinstance(dearer, Decision) and dearer.variant_id == "fam:slow"

@@ -345,3 +345,20 @@ def test_a_single_token_answer_has_a_mean_batch_of_one() -> None:
     seq = sequence(max_tokens=1)
     run(seq, [b"a"])
     assert seq.result().mean_batch == 1.0 and seq.result().token_ms == []
+
+
+def test_tokens_of_one_speculative_step_count_as_one_step_for_the_deadline_pace() -> None:
+    seq = sequence(deadline_at=10.0)
+    seq.before_step(0.0)
+    seq.take_input()
+    seq.on_token(1, b"a", eog=False, now=0.05)
+    for now in (0.25, 0.45):  # two steps of 200 ms, each giving three tokens
+        seq.take_input()
+        seq.on_token(2, b"b", eog=False, now=now)
+        for token in (3, 4):
+            seq.take_input()  # the accepted draft was fed in the same step
+            seq.on_token(token, b"c", eog=False, now=now, same_step=True)
+    assert seq.n_generated == 7 and seq.n_past == len(PROMPT) + 6
+    assert seq.expected_step_s() == pytest.approx(0.2)  # not 0: the pace is per step
+    # its timings: one interval per token, the same-step ones 0 ms
+    assert seq.token_ms == pytest.approx([200.0, 0.0, 0.0, 200.0, 0.0, 0.0])

@@ -48,7 +48,7 @@ class FakeDecoder:
     def accept(self, seq_id: int, tokens: Iterable[int]) -> None:
         pass
 
-    def step(self, entries: Sequence[BatchEntry]) -> dict[int, int]:
+    def step(self, entries: Sequence[BatchEntry]) -> dict[int, list[int]]:
         with self.lock:
             self.steps.append(list(entries))
         if self.step_s:
@@ -59,10 +59,23 @@ class FakeDecoder:
             assert entry.pos == len(kv), f"sequence {entry.seq_id}: position {entry.pos}, KV holds {len(kv)}"
             if self.fail_on is not None and self.fail_on in entry.tokens:
                 raise RuntimeError("llama_decode failed")
+            if entry.verify:  # the greedy token after each of them
+                out[entry.seq_id] = [self.next_after(kv + list(entry.tokens[: i + 1]))
+                                     for i in range(len(entry.tokens))]
             kv.extend(entry.tokens)
-            if entry.logits:
-                out[entry.seq_id] = sum(kv) % 97 + 1
+            if entry.logits and not entry.verify:
+                out[entry.seq_id] = [self.next_after(kv)]
         return out
+
+    @staticmethod
+    def next_after(kv: list[int]) -> int:
+        return sum(kv) % 97 + 1
+
+    def keep(self, seq_id: int, n_tokens: int) -> None:
+        del self.kv[seq_id][n_tokens:]
+
+    def drafted(self, seq_id: int) -> int:
+        return 0
 
     def token_piece(self, token: int, *, special: bool = False) -> bytes:
         return f"{token} ".encode()
@@ -379,7 +392,7 @@ class TimedDecoder(FakeDecoder):
     def clock(self) -> float:
         return self.ms / 1000
 
-    def step(self, entries: Sequence[BatchEntry]) -> dict[int, int]:
+    def step(self, entries: Sequence[BatchEntry]) -> dict[int, list[int]]:
         out = super().step(entries)
         self.ms += 10 + 2 * sum(len(e.tokens) for e in entries if len(e.tokens) > 1)
         self.ends.append((self.ms, [e.seq_id for e in entries]))
