@@ -77,6 +77,8 @@ async def _calibrate(args: argparse.Namespace) -> int:
         print(f"{variant_id:22s} {p.load_ms:8.0f} {p.prefill_ms_per_token:15.3f} "
               f"{p.prefill_growth_ms_per_token_per_1k_ctx:9.3f} {p.decode_ms_per_token:14.2f} "
               f"{p.decode_growth_ms_per_token_per_1k_ctx:9.3f} {mape:9.1%}")
+        if p.tokens_per_step > 1:
+            print(f"  speculative pair: {p.tokens_per_step:.2f} tokens per step on the calibration text")
         print(f"  -> {profile_path(args.cache_dir, p.gguf_sha256, p.n_threads, p.host)}")
     print(f"calibrated {len(profiles)} variants in {time.perf_counter() - started:.0f} s")
     return 0

@@ -15,17 +15,22 @@ the mean factor of its members; the policy never sees the factor, only where the
 Like the runtime, a sequence leaves its batch before a step that would end after its deadline:
 it then counts as a miss and its realized accuracy is the curve's value at the tokens it had.
 
-``accuracy_vs_deadline`` and ``crossover_deadline`` answer the study's question for one request
-shape on an empty board: which variant wins at which deadline, and from which deadline on the
-slower, better one wins. (On an empty board the timeline's prediction is the closed form of
-routing.costs, so these call the policy without a board.)
+``accuracy_vs_deadline``, ``crossover_deadline`` and ``choice_spans`` answer the study's question
+for one request shape on an empty board: which variant wins at which deadline, and from which
+deadline on the slower, better one wins. (On an empty board the timeline's prediction is the
+closed form of routing.costs, so these call the policy without a board.)
+
+Results name a variant by its label (``variant_label``): the name in its variant id
+(``fam:q8_0`` → ``q8_0``), which is its curve name except for a speculative pair
+(``fam:q8_0+q2_k`` → ``q8_0+q2_k``, whose curve is its target's): a pair and its target must not
+be counted as one.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Annotated
 
@@ -59,7 +64,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     or its cut at the deadline), on the trace's clock."""
 
     arrival: Arrival
-    variant: str | None  # curve name; None when refused
+    variant: str | None  # label (see the module docstring); None when refused
     refusal_code: str | None
     budget_tokens: int
     expected_accuracy: float  # at the decision (0 when refused)
@@ -96,6 +101,11 @@ class _Admitted(msgspec.Struct, frozen=True):
     decision: Decision
     wait_ms: float  # predicted, from the arrival until it joins its batch
     deadline_at: float | None  # on the trace's clock
+
+
+def variant_label(variant_id: str) -> str:
+    """What results call a variant: the part of its id after the last ":" (module docstring)."""
+    return variant_id.rpartition(":")[2]
 
 
 def parallel_of(parallel: int | Mapping[str, int], variant_id: str) -> int:
@@ -193,7 +203,8 @@ def _outcome(done: _Admitted, key: int, timeline: Timeline, policy: PolicyFile) 
         realized = curve.accuracy(tokens) if curve is not None else 0.0
     else:
         realized = decision.expected_accuracy
-    return Outcome(arrival=done.arrival, variant=decision.variant_name, refusal_code=None,
+    return Outcome(arrival=done.arrival, variant=variant_label(decision.variant_id),
+                   refusal_code=None,
                    budget_tokens=decision.max_tokens, expected_accuracy=decision.expected_accuracy,
                    realized_accuracy=realized, queue_estimate_ms=done.wait_ms,
                    start_ms=timeline.start_ms.get(key, finish), finish_ms=finish, met_deadline=met)
@@ -236,7 +247,8 @@ def _summarise(outcomes: list[Outcome]) -> SimulationResult:
 
 class DeadlineRow(msgspec.Struct, frozen=True, kw_only=True):
     """The policy's choice at one deadline (empty queue), and what each variant alone would
-    promise there (``per_variant``: expected accuracy when pinned, 0 if it cannot fit)."""
+    promise there (``per_variant``: expected accuracy when pinned, 0 if it cannot fit). Variants
+    by label (see the module docstring)."""
 
     deadline_ms: float
     variant: str | None
@@ -272,10 +284,11 @@ def accuracy_vs_deadline(
         for c in candidates:
             pinned = _decide(policy, candidates, prompt_tokens, deadline, max_tokens, style, hint,
                              c.variant_id)
-            per_variant[c.name] = (pinned.expected_accuracy if isinstance(pinned, Decision)
-                                   else 0.0)
+            per_variant[variant_label(c.variant_id)] = (
+                pinned.expected_accuracy if isinstance(pinned, Decision) else 0.0)
         if isinstance(decision, Decision):
-            rows.append(DeadlineRow(deadline_ms=deadline, variant=decision.variant_name,
+            rows.append(DeadlineRow(deadline_ms=deadline,
+                                    variant=variant_label(decision.variant_id),
                                     max_tokens=decision.max_tokens,
                                     predicted_ms=decision.predicted_ms,
                                     expected_accuracy=decision.expected_accuracy,
@@ -342,20 +355,21 @@ def crossover_deadline(
     """The smallest deadline (ms, empty queue) at which the policy picks the slow variant after
     having picked the fast one at a shorter deadline; None if that never happens.
 
-    ``fast``/``slow`` are curve names; by default the fastest and the slowest available variant
-    for this request shape. A geometric grid over ``deadline_range`` finds the first switch,
-    bisection pins it down to ``resolution_ms`` (whole ms by default).
+    ``fast``/``slow`` are labels (curve names; ``target+draft`` for a pair); by default the
+    fastest and the slowest available variant for this request shape. A geometric grid over
+    ``deadline_range`` finds the first switch, bisection pins it down to ``resolution_ms`` (whole
+    ms by default).
     """
     cap = max_tokens or policy.routing.default_max_tokens
     ordered = _speed_order(candidates, prompt_tokens, cap)
     if len(ordered) < 2:
         return None
-    fast = fast or ordered[0].name
-    slow = slow or ordered[-1].name
+    fast = fast or variant_label(ordered[0].variant_id)
+    slow = slow or variant_label(ordered[-1].variant_id)
 
     def picks(deadline: float) -> str | None:
         decision = _decide(policy, candidates, prompt_tokens, deadline, max_tokens, style, hint)
-        return decision.variant_name if isinstance(decision, Decision) else None
+        return variant_label(decision.variant_id) if isinstance(decision, Decision) else None
 
     lo, hi = deadline_range(policy, candidates, prompt_tokens, max_tokens=max_tokens)
     seen_fast = False
@@ -376,6 +390,72 @@ def crossover_deadline(
             return float(whole if whole <= high and picks(whole) == slow else math.ceil(high))
         previous = deadline
     return None
+
+
+class ChoiceSpan(msgspec.Struct, frozen=True, kw_only=True):
+    """The deadlines from ``from_ms`` (inclusive) to ``to_ms`` (exclusive; None: every longer one)
+    at which the policy picks ``variant`` (a label; None: it refuses) on an empty board."""
+
+    variant: str | None
+    from_ms: float
+    to_ms: float | None
+
+
+def choice_spans(
+    policy: PolicyFile,
+    candidates: Sequence[VariantCandidate],
+    prompt_tokens: int,
+    *,
+    max_tokens: int | None = None,
+    style: str | None = None,
+    hint: bool | None = None,
+    grid_points: int = 400,
+    resolution_ms: float = 1.0,
+) -> list[ChoiceSpan]:
+    """Which variant the policy picks at every deadline (empty queue), as consecutive spans.
+
+    With more than two candidates (a speculative pair beside its two halves) one crossover
+    deadline is not the whole story. A geometric grid over ``deadline_range`` finds the switches
+    and bisection pins each to ``resolution_ms`` (whole ms by default). The first span starts at
+    0 (the range starts below the fastest useful answer: a refusal) and the last never ends (past
+    the range every variant gets its whole budget, so nothing changes).
+    """
+
+    def picks(deadline: float) -> str | None:
+        decision = _decide(policy, candidates, prompt_tokens, deadline, max_tokens, style, hint)
+        return variant_label(decision.variant_id) if isinstance(decision, Decision) else None
+
+    lo, hi = deadline_range(policy, candidates, prompt_tokens, max_tokens=max_tokens)
+    spans: list[ChoiceSpan] = []
+    current, start, previous = picks(lo), 0.0, lo
+    for deadline in deadline_grid(lo, hi, grid_points):
+        chosen = picks(deadline)
+        low = previous
+        while chosen != current:  # one or more switches in (low, deadline]
+            switch = _first_change(picks, low, deadline, resolution_ms)
+            now = picks(switch)
+            if now != current:
+                spans.append(ChoiceSpan(variant=current, from_ms=start, to_ms=switch))
+                current, start = now, switch
+            low = switch
+        previous = deadline
+    spans.append(ChoiceSpan(variant=current, from_ms=start, to_ms=None))
+    return spans
+
+
+def _first_change(picks: Callable[[float], str | None], low: float, high: float,
+                  resolution_ms: float) -> float:
+    """The first deadline in (low, high], in whole ms where it can be, at which ``picks`` differs
+    from ``picks(low)`` (``picks(high)`` must differ)."""
+    before = picks(low)
+    while high - low > resolution_ms:
+        middle = (low + high) / 2
+        if picks(middle) == before:
+            low = middle
+        else:
+            high = middle
+    whole = math.ceil(low)
+    return float(whole if low < whole <= high and picks(whole) != before else math.ceil(high))
 
 
 def sweep_trace(

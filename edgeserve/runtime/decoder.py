@@ -102,6 +102,7 @@ class Decoder:
         self._samplers: dict[int, Any] = {}
         self._pieces: dict[tuple[int, bool], bytes] = {}  # at most 2 × the vocabulary
         self._eog: dict[int, bool] = {}
+        self._rows: dict[int, tuple[int, int]] = {}  # of the last step: seq_id → (first logits row, rows)
         self._closed = False
 
         model_params = llama_cpp.llama_model_default_params()
@@ -295,21 +296,32 @@ class Decoder:
         if n == 0:
             return {}
         batch.n_tokens = n
+        self._rows = {}
         code = llama_cpp.llama_decode(self._ctx, batch)
         if code != 0:
             raise DecodeError(code, n)
         out: dict[int, list[int]] = {}
         for entry, first in outputs:
+            last = first + len(entry.tokens) - 1
+            self._rows[entry.seq_id] = (first, len(entry.tokens)) if entry.verify else (last, 1)
             if entry.verify:
                 out[entry.seq_id] = [self._argmax(first + i) for i in range(len(entry.tokens))]
             else:
-                last = first + len(entry.tokens) - 1
                 out[entry.seq_id] = [int(llama_cpp.llama_sampler_sample(self._samplers[entry.seq_id], self._ctx, last))]
         return out
 
     def _argmax(self, index: int) -> int:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self.n_vocab,))
-        return int(logits.argmax())
+        return int(self._logits_row(index).argmax())
+
+    def _logits_row(self, index: int) -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self.n_vocab,))
+
+    def logits_of(self, seq_id: int) -> np.ndarray:
+        """A copy of the raw logits the last step computed for the sequence: one row for a
+        sampled entry, one per token for a `verify` entry (speculative sampling needs the
+        distributions, not only the chosen tokens). KeyError if it wanted none."""
+        first, rows = self._rows[seq_id]
+        return np.stack([self._logits_row(first + i).copy() for i in range(rows)])
 
     def greedy_after_each(self, seq_id: int, tokens: Seq[int], pos: int) -> list[int]:
         """Evaluate `tokens` of a started sequence at positions pos, pos + 1, ... (in steps of at

@@ -16,9 +16,12 @@ A step of the pair, for every decoding sequence at temperature 0:
    target's token after it; the target's KV is cut back past the first disagreement
    (`llama_memory_seq_rm`), and the draft's is cut the next time it catches up.
 
-So the text is the target's own greedy text, token for token. Requests that sample (temperature
-> 0) or use repetition penalties are decoded by the target alone in this lane (one token per
-step): the rejection rule that keeps sampling lossless is not wired in yet.
+So the text is the target's own greedy text, token for token. A request that samples
+(temperature > 0) gets its drafts drawn from the draft's distribution q and each accepted with
+probability min(1, p/q) against the target's p, a rejected one replaced from the residual
+(runtime.speculative_sampling): its text is distributed exactly as the target's own sampling.
+Requests with repetition penalties (their distribution depends on the history the chain
+keeps) are decoded by the target alone in this lane, one token per step.
 
 The draft never proposes more than the sequence's tokens left (`BatchEntry.draft_limit`), nor
 more than fit the target's batch, and stops at an end-of-generation token.
@@ -26,11 +29,15 @@ more than fit the target's batch, and stops at an end-of-generation token.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 
+import numpy as np
+
 from edgeserve.runtime.decoder import BatchEntry, Decoder
 from edgeserve.runtime.sequence import SamplingParams
+from edgeserve.runtime.speculative_sampling import accept_drafted, draw, probabilities
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -40,6 +47,13 @@ def lossless_greedy(sampling: SamplingParams) -> bool:
     verify pass checks drafts against."""
     return (sampling.temperature <= 0 and sampling.repeat_penalty == 1.0
             and sampling.presence_penalty == 0.0 and sampling.frequency_penalty == 0.0)
+
+
+def speculable(sampling: SamplingParams) -> bool:
+    """Whether drafts can be checked without changing the output distribution: any sampling
+    without repetition penalties (greedy by argmax, sampling by the rejection rule)."""
+    return (sampling.repeat_penalty == 1.0 and sampling.presence_penalty == 0.0
+            and sampling.frequency_penalty == 0.0)
 
 
 def agreed(drafted: Seq[int], target_best: Seq[int]) -> int:
@@ -78,7 +92,8 @@ class SpeculativeDecoder:
         self._draft_first = draft_first
         self._held: dict[int, list[int]] = {}  # what the target's KV holds, per pair sequence
         self._draft_held: dict[int, list[int]] = {}  # what the draft's KV holds
-        self._greedy: dict[int, bool] = {}
+        self._sampling: dict[int, SamplingParams] = {}  # of sequences that may speculate
+        self._rng: dict[int, np.random.Generator] = {}  # sampled sequences: draws and acceptance
         self._drafted: dict[int, int] = {}  # in the last step
 
     # ---- what the loop reads -------------------------------------------------------------------
@@ -123,7 +138,13 @@ class SpeculativeDecoder:
         draft_held = self._draft_held.setdefault(seq_id, [])
         del draft_held[_common_prefix(draft_held, held):]
         self.draft.new_sequence(self._d(seq_id), GREEDY, keep=len(draft_held))
-        self._greedy[seq_id] = lossless_greedy(sampling)
+        self._sampling.pop(seq_id, None)
+        self._rng.pop(seq_id, None)
+        if speculable(sampling):
+            self._sampling[seq_id] = sampling
+            if not lossless_greedy(sampling):
+                seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+                self._rng[seq_id] = np.random.default_rng(seed)
 
     def free_sequence(self, seq_id: int) -> None:
         self.target.free_sequence(self._t(seq_id))
@@ -159,7 +180,7 @@ class SpeculativeDecoder:
             held = self._held[entry.seq_id]
             del held[entry.pos:]
             held.extend(entry.tokens)
-        drafts = self._draft(self._draft_lengths(entries))
+        drafts, draft_probs = self._draft(self._draft_lengths(entries))
         self._follow([e for e in entries if len(e.tokens) > 1 and e.seq_id not in drafts])
         target_entries = []
         for entry in entries:
@@ -179,18 +200,26 @@ class SpeculativeDecoder:
             if not drafted:
                 result[entry.seq_id] = got
                 continue
-            n = agreed(drafted, got)
+            rng = self._rng.get(entry.seq_id)
+            if rng is None:
+                tokens = got[: agreed(drafted, got) + 1]
+            else:
+                params = self._sampling[entry.seq_id]
+                target_probs = np.stack([probabilities(row, params)
+                                         for row in self.target.logits_of(self._t(entry.seq_id))])
+                tokens = accept_drafted(target_probs, np.stack(draft_probs[entry.seq_id]), drafted, rng)
+            n = len(tokens) - 1
             self.keep(entry.seq_id, entry.pos + 1 + n)  # the last token and the accepted drafts
             self._held[entry.seq_id].extend(drafted[:n])
             self._drafted[entry.seq_id] = len(drafted)
-            result[entry.seq_id] = got[: n + 1]
+            result[entry.seq_id] = tokens
         return result
 
     def _draft_lengths(self, entries: Seq[BatchEntry]) -> dict[int, int]:
-        """How many tokens to draft per decoding greedy sequence: `draft_max`, at most its tokens
-        left, and no more than the target's batch has room for beside the step's other tokens."""
+        """How many tokens to draft per decoding sequence: `draft_max`, at most its tokens left,
+        and no more than the target's batch has room for beside the step's other tokens."""
         speculating = [e for e in entries if e.logits and not e.verify and len(e.tokens) == 1
-                       and e.draft_limit > 0 and self._greedy.get(e.seq_id, False)]
+                       and e.draft_limit > 0 and e.seq_id in self._sampling]
         if not speculating:
             return {}
         spare = self.target.n_batch - sum(len(e.tokens) for e in entries)
@@ -202,7 +231,7 @@ class SpeculativeDecoder:
         step, so its catch-up cost lands in the prefill, not in the first speculative step."""
         entries = []
         for entry in chunks:
-            if not self._greedy.get(entry.seq_id, False):
+            if entry.seq_id not in self._sampling:
                 continue
             draft_held = self._draft_held[entry.seq_id]
             n = _common_prefix(draft_held, self._held[entry.seq_id][: entry.pos])
@@ -215,12 +244,15 @@ class SpeculativeDecoder:
         for entry in entries:  # rarely more than one: the loop evaluates one chunk per step
             self.draft.step([entry])
 
-    def _draft(self, lengths: dict[int, int]) -> dict[int, list[int]]:
-        """Up to `lengths[seq]` greedy draft tokens after each sequence's last token. The first
-        draft step also feeds what the draft's KV lacks (the prompt, accepted tokens it did not
-        feed itself); each later one feeds one token per sequence."""
+    def _draft(self, lengths: dict[int, int]) -> tuple[dict[int, list[int]], dict[int, list[np.ndarray]]]:
+        """Up to `lengths[seq]` draft tokens after each sequence's last token, and for sampled
+        sequences the distribution each was drawn from. The first draft step also feeds what the
+        draft's KV lacks (the prompt, accepted tokens it did not feed itself); each later one
+        feeds one token per sequence."""
+        drafts: dict[int, list[int]] = {}
+        probs: dict[int, list[np.ndarray]] = {}
         if not lengths:
-            return {}
+            return drafts, probs
         draft = self.draft
         room = max(1, draft.n_batch // len(lengths))
         first: list[BatchEntry] = []
@@ -237,13 +269,24 @@ class SpeculativeDecoder:
                 draft_held.extend(chunk)
             first.append(BatchEntry(self._d(seq_id), missing, len(draft_held)))
             draft_held.extend(missing)
-        out = draft.step(first)
-        drafts = {seq_id: [out[self._d(seq_id)][0]] for seq_id in lengths}
-        while True:
-            going = [s for s, d in drafts.items() if len(d) < lengths[s] and not draft.is_eog(d[-1])]
-            if not going:
-                return drafts
-            out = draft.step([BatchEntry(self._d(s), [drafts[s][-1]], len(self._draft_held[s])) for s in going])
-            for seq_id in going:
-                self._draft_held[seq_id].append(drafts[seq_id][-1])
-                drafts[seq_id].append(out[self._d(seq_id)][0])
+        entries = first
+        while entries:
+            out = draft.step(entries)
+            for entry in entries:
+                seq_id = entry.seq_id - self._draft_first
+                if len(entry.tokens) == 1 and seq_id in drafts:
+                    self._draft_held[seq_id].append(entry.tokens[0])
+                drafts.setdefault(seq_id, []).append(self._drawn(seq_id, out[entry.seq_id][0], probs))
+            going = [s for s in lengths if len(drafts[s]) < lengths[s] and not draft.is_eog(drafts[s][-1])]
+            entries = [BatchEntry(self._d(s), [drafts[s][-1]], len(self._draft_held[s])) for s in going]
+        return drafts, probs
+
+    def _drawn(self, seq_id: int, greedy: int, probs: dict[int, list[np.ndarray]]) -> int:
+        """The draft's token: its greedy one, or for a sampled sequence one drawn from its
+        distribution under the request's sampling (kept for the acceptance rule)."""
+        rng = self._rng.get(seq_id)
+        if rng is None:
+            return greedy
+        q = probabilities(self.draft.logits_of(self._d(seq_id))[0], self._sampling[seq_id])
+        probs.setdefault(seq_id, []).append(q)
+        return draw(q, rng)

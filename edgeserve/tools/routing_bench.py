@@ -54,7 +54,7 @@ from edgeserve.policies import load_policy
 from edgeserve.routing.costs import CostProfile, decode_steps_ms, predict_ms, prefill_ms
 from edgeserve.routing.policy import RoutingRequest, VariantCandidate, choose, format_ms
 from edgeserve.routing.policy_file import PolicyFile
-from edgeserve.routing.simulator import crossover_deadline
+from edgeserve.routing.simulator import crossover_deadline, variant_label
 from edgeserve.routing.stats import percentile
 from edgeserve.runtime.calibrate import host_name
 from edgeserve.tools.processes import free_port, server_process
@@ -530,7 +530,7 @@ def study_crossovers(policy_path: Path, profile_path: Path, prompt_tokens: int =
     policy = load_policy(policy_path)
     candidates = candidates_from(load_profiles(profile_path), 4096)
     by_speed = sorted(candidates, key=lambda c: c.profile.decode_ms_per_token)
-    fast, slow = by_speed[0].name, by_speed[-1].name
+    fast, slow = variant_label(by_speed[0].variant_id), variant_label(by_speed[-1].variant_id)
     results = []
     for label, style, hint in STUDY_CASES:
         if style not in policy.styles:

@@ -7,7 +7,14 @@ through the server's own batching model: every variant has --parallel places in 
 `parallel` in models.toml) and its profile's batch_step_factors say what a wider step costs.
 
 Profiles: a JSON list of CostProfile objects, or an object {variant_id: CostProfile}. A variant's
-curve name in the policy is the part of its variant_id after the last ":" (llama31-8b:q8_0 → q8_0).
+curve name in the policy is the part of its variant_id after the last ":" (llama31-8b:q8_0 → q8_0);
+a speculative pair's (llama31-8b:q8_0+q2_k) is its target's, the part before "+" (q8_0).
+
+--speculative TARGET+DRAFT adds a pair the profile file does not have, projected from the two
+variants' profiles (edgeserve.routing.speculation): the draft proposes --draft-len tokens per step,
+each accepted with probability --acceptance, and the target verifies them in one pass that costs
+--verify-factor one-token steps. Those three numbers are assumptions, and the output says so.
+
 Trace: JSON lines {"arrival_ms", "prompt_tokens", "max_tokens", "deadline_ms"} (the last two may be
 null or missing); blank lines and lines starting with # are skipped.
 """
@@ -21,20 +28,26 @@ from pathlib import Path
 
 import msgspec
 
+from edgeserve.config import PAIR_JOIN
 from edgeserve.errors import ConfigError, EdgeserveError
 from edgeserve.policies import load_policy
 from edgeserve.routing.costs import CostProfile
 from edgeserve.routing.policy import VariantCandidate, format_ms, uncovered_variants
 from edgeserve.routing.simulator import (
     Arrival,
+    ChoiceSpan,
+    DeadlineRow,
     SimulationResult,
     accuracy_vs_deadline,
+    choice_spans,
     crossover_deadline,
     deadline_grid,
     deadline_range,
     simulate,
     sweep_trace,
+    variant_label,
 )
+from edgeserve.routing.speculation import speculative_profile
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +84,18 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise", type=float, default=0.0,
                         help="sigma of a lognormal factor on each request's step costs (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --noise (default 0)")
+    parser.add_argument("--speculative", metavar="TARGET+DRAFT", default=None,
+                        help="add a projected speculative pair of two variants in the profile "
+                             "file, e.g. q8_0+q2_k (the names after ':' in their variant ids)")
+    parser.add_argument("--acceptance", type=float, default=0.8,
+                        help="with --speculative: probability the target accepts a drafted token "
+                             "(default 0.8; measured greedy agreement q2_k→q8_0: SmolLM2 0.818, "
+                             "Qwen2.5-Coder-0.5B 0.948)")
+    parser.add_argument("--draft-len", type=_positive, default=4, metavar="K",
+                        help="with --speculative: tokens drafted per step (default 4)")
+    parser.add_argument("--verify-factor", type=float, default=1.1,
+                        help="with --speculative: a target pass over K+1 tokens in one-token steps "
+                             "(default 1.1, a memory-bound board; 2.3-4 measured on a 2-core x86 VM)")
 
 
 def _positive(text: str) -> int:
@@ -127,8 +152,55 @@ def load_trace(path: Path) -> list[Arrival]:
 
 
 def candidates_from(profiles: Sequence[CostProfile], n_ctx: int) -> list[VariantCandidate]:
-    return [VariantCandidate(variant_id=p.variant_id, name=p.variant_id.rpartition(":")[2],
+    """One candidate per profile, named by its curve: a pair's (target+draft) is its target's."""
+    return [VariantCandidate(variant_id=p.variant_id, name=curve_name(p.variant_id),
                              profile=p, n_ctx=n_ctx) for p in profiles]
+
+
+def curve_name(variant_id: str) -> str:
+    """llama31-8b:q8_0 → q8_0; a speculative pair's, llama31-8b:q8_0+q2_k → q8_0 (its target's)."""
+    return variant_label(variant_id).partition(PAIR_JOIN)[0]
+
+
+def with_speculative_pair(profiles: Sequence[CostProfile], pair: str, *, acceptance: float,
+                          draft_len: int, verify_factor: float) -> CostProfile:
+    """The projected profile of ``pair`` (TARGET+DRAFT, labels of two profiles of one family)."""
+    target_name, join, draft_name = pair.partition(PAIR_JOIN)
+    if not join or not target_name or not draft_name or PAIR_JOIN in draft_name:
+        raise ConfigError(f"--speculative: expected TARGET{PAIR_JOIN}DRAFT, for example "
+                          f"q8_0{PAIR_JOIN}q2_k; got '{pair}'")
+    by_label = {variant_label(p.variant_id): p for p in profiles}
+    missing = [name for name in (target_name, draft_name) if name not in by_label]
+    if missing:
+        raise ConfigError(f"--speculative {pair}: no variant {' or '.join(repr(m) for m in missing)} "
+                          f"in the profile file (it has {', '.join(sorted(by_label))})")
+    target, draft = by_label[target_name], by_label[draft_name]
+    family, sep, _ = target.variant_id.rpartition(":")
+    if draft.variant_id.rpartition(":")[0] != family:
+        raise ConfigError(f"--speculative {pair}: {target.variant_id} and {draft.variant_id} are "
+                          "not of one family (a draft must share its target's tokenizer)")
+    variant_id = f"{family}{sep}{pair}"
+    if pair in by_label:
+        raise ConfigError(f"--speculative {pair}: the profile file already has {variant_id}; "
+                          "leave out --speculative to use it")
+    try:
+        return speculative_profile(target, draft, acceptance=acceptance, draft_len=draft_len,
+                                   verify_factor=verify_factor, variant_id=variant_id)
+    except ValueError as exc:
+        raise ConfigError(f"--speculative {pair}: {exc}") from exc
+
+
+def describe_pair(pair: CostProfile, target: CostProfile, *, acceptance: float, draft_len: int,
+                  verify_factor: float) -> str:
+    """The assumptions behind a projected pair, and what they make of its cost."""
+    name = variant_label(pair.variant_id)
+    target_name, _, draft_name = name.partition(PAIR_JOIN)
+    ratio = pair.decode_ms_per_token / target.decode_ms_per_token
+    return (f"speculative {name} (PROJECTED, not measured): {draft_name} drafts {draft_len} tokens "
+            f"per step, {target_name} verifies them in one pass costing {verify_factor:g} one-token "
+            f"steps; acceptance {acceptance:g} (assumed) → {pair.tokens_per_step:.2f} tokens per "
+            f"step; effective {format_ms(pair.decode_ms_per_token)}/token vs {target_name}'s "
+            f"{format_ms(target.decode_ms_per_token)}/token ({ratio:.2f}×)")
 
 
 # ---- running and printing -------------------------------------------------------------------
@@ -136,16 +208,19 @@ def candidates_from(profiles: Sequence[CostProfile], n_ctx: int) -> list[Variant
 
 def _run(args: argparse.Namespace) -> None:
     policy = load_policy(args.policy)
-    candidates = candidates_from(load_profiles(args.profile), args.n_ctx)
+    profiles, assumption = _with_requested_pair(args, load_profiles(args.profile))
+    candidates = candidates_from(profiles, args.n_ctx)
     hint = None if args.hint is None else args.hint == "on"
     style = args.style or policy.default_style
     if style not in policy.styles:
         raise ConfigError(f"--style: '{style}' is not one of {sorted(policy.styles)}")
     hint_on = policy.hint.enabled if hint is None else hint
-    names = [c.name for c in candidates]
+    names = [variant_label(c.variant_id) for c in candidates]
     print(f"policy {policy.name} ({args.policy}); variants: "
-          + ", ".join(f"{c.name} = {c.variant_id}" for c in candidates))
-    missing = uncovered_variants(policy, names)
+          + ", ".join(_describe(c) for c in candidates))
+    if assumption is not None:
+        print(assumption)
+    missing = uncovered_variants(policy, sorted({c.name for c in candidates}))
     if missing:
         print(f"warning: no quality curve for {', '.join(missing)} (expected accuracy 0)")
 
@@ -172,20 +247,17 @@ def _run(args: argparse.Namespace) -> None:
                                 style=style, hint=hint)
     print(f"\naccuracy vs deadline (prompt {args.prompt_tokens} tokens, style {style}, "
           f"hint {'on' if hint_on else 'off'}, empty queue)")
-    header = f"{'deadline':>14} {'ms':>11}  {'chosen':<8} {'tokens':>6} {'predicted':>14} " \
-             f"{'expected':>8}" + "".join(f" {name:>7}" for name in names)
-    print(header)
-    for row in rows:
-        chosen = row.variant or "refused"
-        tokens = "" if row.max_tokens is None else str(row.max_tokens)
-        predicted = "" if row.predicted_ms is None else format_ms(row.predicted_ms)
-        print(f"{format_ms(row.deadline_ms):>14} {row.deadline_ms:>11.0f}  {chosen:<8} "
-              f"{tokens:>6} {predicted:>14} {row.expected_accuracy:>8.3f}"
-              + "".join(f" {row.per_variant.get(name, 0.0):>7.3f}" for name in names))
+    print_table(rows, names)
 
+    spans = choice_spans(policy, candidates, args.prompt_tokens, max_tokens=args.max_tokens,
+                         style=style, hint=hint)
+    print_spans(spans)
     by_speed = sorted(candidates, key=lambda c: c.profile.decode_ms_per_token)
     if len(by_speed) >= 2:
-        fast, slow = by_speed[0].name, by_speed[-1].name
+        fast = variant_label(by_speed[0].variant_id)
+        # the variant the longest deadlines get (with a pair beside its target, not the slowest)
+        last = spans[-1].variant
+        slow = last if last is not None and last != fast else variant_label(by_speed[-1].variant_id)
         crossover = crossover_deadline(policy, candidates, args.prompt_tokens, fast=fast,
                                        slow=slow, max_tokens=args.max_tokens, style=style,
                                        hint=hint)
@@ -194,6 +266,54 @@ def _run(args: argparse.Namespace) -> None:
         else:
             print(f"\ncrossover: {slow} overtakes {fast} at a deadline of {format_ms(crossover)} "
                   f"({crossover:.0f} ms); below it {fast} is chosen")
+
+
+def _with_requested_pair(args: argparse.Namespace, profiles: list[CostProfile]
+                         ) -> tuple[list[CostProfile], str | None]:
+    """The profiles plus --speculative's projected pair (if asked), and what the pair assumes."""
+    if args.speculative is None:
+        return profiles, None
+    spec = {"acceptance": args.acceptance, "draft_len": args.draft_len,
+            "verify_factor": args.verify_factor}
+    pair = with_speculative_pair(profiles, args.speculative, **spec)
+    target = next(p for p in profiles if variant_label(p.variant_id) == curve_name(pair.variant_id))
+    return [*profiles, pair], describe_pair(pair, target, **spec)
+
+
+def _describe(candidate: VariantCandidate) -> str:
+    name = variant_label(candidate.variant_id)
+    curve = "" if candidate.name == name else f" (curve {candidate.name})"
+    return f"{name} = {candidate.variant_id}{curve}"
+
+
+def print_table(rows: Sequence[DeadlineRow], names: Sequence[str]) -> None:
+    """The accuracy-vs-deadline table: the choice per deadline, and each variant pinned."""
+    width = max(8, *(len(name) for name in names))
+    header = f"{'deadline':>14} {'ms':>11}  {'chosen':<{width}} {'tokens':>6} {'predicted':>14} " \
+             f"{'expected':>8}" + "".join(f" {name:>{max(7, len(name))}}" for name in names)
+    print(header)
+    for row in rows:
+        chosen = row.variant or "refused"
+        tokens = "" if row.max_tokens is None else str(row.max_tokens)
+        predicted = "" if row.predicted_ms is None else format_ms(row.predicted_ms)
+        print(f"{format_ms(row.deadline_ms):>14} {row.deadline_ms:>11.0f}  {chosen:<{width}} "
+              f"{tokens:>6} {predicted:>14} {row.expected_accuracy:>8.3f}"
+              + "".join(f" {row.per_variant.get(name, 0.0):>{max(7, len(name))}.3f}"
+                        for name in names))
+
+
+def print_spans(spans: Sequence[ChoiceSpan]) -> None:
+    """Which variant each range of deadlines gets (empty queue), one line per range."""
+    print("\nchoice by deadline (empty queue):")
+    width = max(len(span.variant or "refused") for span in spans)
+    for span in spans:
+        start = f"{format_ms(span.from_ms)} ({span.from_ms:.0f} ms)"
+        if span.to_ms is None:
+            where = f"{start} and longer"
+        else:
+            end = f"{format_ms(span.to_ms)} ({span.to_ms:.0f} ms)"
+            where = f"below {end}" if span.from_ms == 0 else f"{start} .. {end}"
+        print(f"  {span.variant or 'refused':<{width}}  {where}")
 
 
 def print_summary(result: SimulationResult) -> None:

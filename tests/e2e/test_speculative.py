@@ -82,10 +82,14 @@ def test_the_log_line_and_metrics_count_drafted_tokens(server: Server) -> None:
     assert f'edgeserve_spec_decode_acceptance_ratio{{variant="{PAIR}"}}' in metrics
 
 
-def test_a_sampled_request_to_the_pair_is_answered(server: Server) -> None:
+def test_sampled_requests_speculate_and_penalised_ones_do_not(server: Server) -> None:
+    body = {"model": PAIR, "messages": [{"role": "user", "content": QUESTIONS[1]}], "max_tokens": 24}
     with server.http() as http:
-        response = http.post("/v1/chat/completions", json={
-            "model": PAIR, "messages": [{"role": "user", "content": QUESTIONS[1]}], "max_tokens": 16,
-            "temperature": 0.8, "seed": 3}, timeout=TIMEOUT_S)
-    assert response.status_code == 200, response.text
-    assert response.json()["edgeserve"]["drafted_tokens"] == 0
+        sampled = http.post("/v1/chat/completions", json={**body, "temperature": 0.8, "seed": 3}, timeout=TIMEOUT_S)
+        penalised = http.post("/v1/chat/completions", json={**body, "temperature": 0, "presence_penalty": 0.5},
+                              timeout=TIMEOUT_S)
+    assert sampled.status_code == 200, sampled.text
+    info = sampled.json()["edgeserve"]
+    assert info["drafted_tokens"] > 0 and sampled.json()["usage"]["completion_tokens"] > 0
+    assert penalised.status_code == 200, penalised.text
+    assert penalised.json()["edgeserve"]["drafted_tokens"] == 0

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from edgeserve.routing.policy_file import PolicyFile
 from edgeserve.routing.simulator import (
     Arrival,
     accuracy_vs_deadline,
+    choice_spans,
     crossover_deadline,
     deadline_grid,
     deadline_range,
@@ -23,7 +25,7 @@ from edgeserve.routing.simulator import (
     sweep_trace,
 )
 from edgeserve.tools.simulate import main, run_simulate
-from tests.unit.routing.conftest import POLICIES
+from tests.unit.routing.conftest import POLICIES, flat_profile
 
 PROMPT = 150
 HOUR = 3_600_000.0
@@ -76,6 +78,38 @@ def test_crossover_is_none_when_the_slow_variant_never_wins(
     assert crossover_deadline(simple_policy, fast_slow, 50, max_tokens=100) is None
     at = crossover_deadline(simple_policy, fast_slow, 50)
     assert at is not None and 4000 < at <= 4020
+
+
+def test_choice_spans_agree_with_the_crossover(study_policy: PolicyFile,
+                                               study_candidates: list[VariantCandidate]) -> None:
+    spans = choice_spans(study_policy, study_candidates, PROMPT)
+    assert [s.variant for s in spans] == [None, "q2_k", "q8_0"]
+    assert spans[0].from_ms == 0 and spans[-1].to_ms is None
+    assert all(a.to_ms == b.from_ms for a, b in itertools.pairwise(spans))
+    assert spans[2].from_ms == crossover_deadline(study_policy, study_candidates, PROMPT)
+    refused_until = spans[1].from_ms
+    assert pick(study_policy, study_candidates, refused_until - 1) is None
+    assert pick(study_policy, study_candidates, refused_until) == "q2_k"
+
+
+def pair(ms_per_token: float) -> VariantCandidate:
+    """slow's speculative pair: slow's curve, its own (cheaper) cost."""
+    return VariantCandidate(variant_id="fam:slow+fast", name="slow",
+                            profile=flat_profile("fam:slow+fast", ms_per_token), n_ctx=4096)
+
+
+def test_a_pair_is_reported_apart_from_its_target(simple_policy: PolicyFile,
+                                                  fast_slow: list[VariantCandidate]) -> None:
+    candidates = [*fast_slow, pair(20.0)]
+    spans = choice_spans(simple_policy, candidates, 50)
+    assert [s.variant for s in spans] == [None, "fast", "slow+fast"]
+    rows = accuracy_vs_deadline(simple_policy, candidates, 50, [10_000.0])
+    assert rows[0].variant == "slow+fast"
+    assert set(rows[0].per_variant) == {"fast", "slow", "slow+fast"}
+    trace = [Arrival(arrival_ms=0, prompt_tokens=50, deadline_ms=10_000)]
+    result = simulate(trace, candidates, simple_policy)
+    assert result.variant_shares == {"slow+fast": 1.0}
+    assert result.outcomes[0].realized_accuracy == pytest.approx(0.8)  # slow's curve at 200
 
 
 # ---- the simulated board --------------------------------------------------------------------

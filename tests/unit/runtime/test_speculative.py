@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import pytest
 
+from edgeserve.routing.costs import CostProfile
 from edgeserve.runtime.decoder import BatchEntry
-from edgeserve.runtime.sequence import GenerationJob, SamplingParams
+from edgeserve.runtime.sequence import TAIL_RESERVE_S, GenerationJob, SamplingParams
 from edgeserve.runtime.speculative import SpeculativeDecoder, agreed, lossless_greedy
 from edgeserve.runtime.stepper import Stepper
 from tests.unit.runtime.test_stepper import FakeDecoder, expected_text, job, submit
+
+VOCAB = 98  # the rule's tokens are 1..97
 
 
 class FakeModel(FakeDecoder):
@@ -35,7 +39,16 @@ class FakeModel(FakeDecoder):
     def step(self, entries: Sequence[BatchEntry]) -> dict[int, list[int]]:
         for entry in entries:
             assert 0 <= entry.seq_id < self.n_seq_max
-        return super().step(entries)
+        out = super().step(entries)
+        self.rows = dict(out)
+        return out
+
+    def logits_of(self, seq_id: int) -> np.ndarray:
+        """Logits so peaked at the rule's token (50 against -50) that sampling picks it: the
+        sampled path must then give the rule's text too."""
+        rows = np.full((len(self.rows[seq_id]), VOCAB), -50.0, dtype=np.float32)
+        rows[np.arange(len(self.rows[seq_id])), self.rows[seq_id]] = 50.0
+        return rows
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         return [int(t) for t in text.split()]
@@ -146,10 +159,22 @@ async def test_a_cancelled_request_leaves_its_place_to_the_next_one(stepper: Ste
     assert 1 not in target.kv and 1 not in draft.kv
 
 
-async def test_a_sampling_request_is_decoded_by_the_target_alone(stepper: Stepper) -> None:
+async def test_a_sampled_request_speculates_by_the_rejection_rule(stepper: Stepper) -> None:
+    decoder, target, _ = pair(draft_wrong=lambda kv: sum(kv) % 3 == 0)
+    stepper.attach("f:p", decoder, parallel=2)
+    j = GenerationJob([1, 2], 40, SamplingParams(temperature=0.8, seed=1), ignore_eos=True)
+    generation = submit(stepper, "f:p", j)
+    # the distributions are one-hot in effect: a rejected draft is replaced by the target's token
+    assert await generation.text() == expected_text([1, 2], 40)
+    result = generation.result
+    assert result is not None and 0 < result.accepted_n < result.drafted_n
+    assert any(e.verify for s in target.steps for e in s)
+
+
+async def test_a_request_with_repetition_penalties_is_decoded_by_the_target_alone(stepper: Stepper) -> None:
     decoder, target, draft = pair()
     stepper.attach("f:p", decoder, parallel=2)
-    j = GenerationJob([1, 2], 12, SamplingParams(temperature=0.8, seed=1), ignore_eos=True)
+    j = GenerationJob([1, 2], 12, SamplingParams(temperature=0.0, presence_penalty=0.5), ignore_eos=True)
     generation = submit(stepper, "f:p", j)
     await generation.text()
     assert generation.result is not None and generation.result.drafted_n == 0
@@ -160,3 +185,37 @@ def test_a_pair_needs_room_in_both_contexts() -> None:
     target, draft = FakeModel(n_seq_max=2), FakeModel(n_seq_max=4)
     with pytest.raises(ValueError, match="room"):
         SpeculativeDecoder(target, draft, parallel=2, target_first=1, draft_first=2, draft_max=4)  # type: ignore[arg-type]
+
+
+class ClockedModel(FakeModel):
+    """A target whose every step (a verify pass, drafts included) takes 30 ms of a fake clock."""
+
+    def __init__(self, n_seq_max: int) -> None:
+        super().__init__(n_seq_max=n_seq_max)
+        self.ms = 0
+
+    def clock(self) -> float:
+        return self.ms / 1000
+
+    def step(self, entries: Sequence[BatchEntry]) -> dict[int, list[int]]:
+        out = super().step(entries)
+        self.ms += 30
+        return out
+
+
+async def test_speculative_steps_stop_before_the_deadline() -> None:
+    target, draft = ClockedModel(n_seq_max=2), FakeModel(n_seq_max=2)
+    decoder = SpeculativeDecoder(target, draft, parallel=1, target_first=1, draft_first=1,  # type: ignore[arg-type]
+                                 draft_max=3)
+    stepper = Stepper(chunk_tokens=8, clock=target.clock)
+    # a step yields 4 tokens at 7.5 ms each: 30 ms a step, as the fake clock runs
+    profile = CostProfile(variant_id="f:p", prefill_ms_per_token=1.0, decode_ms_per_token=7.5, tokens_per_step=4.0)
+    stepper.attach("f:p", decoder, parallel=1, profile=lambda: profile)
+    try:
+        generation = submit(stepper, "f:p", job([1, 2], 10_000, deadline_at=0.5))
+        await generation.text()
+        assert generation.result is not None and generation.result.finish == "deadline"
+        assert target.ms <= 500 - TAIL_RESERVE_S * 1000  # its last step ended in time, with the tail kept
+        assert generation.result.predicted_n > 40  # 4 tokens a step, not 1
+    finally:
+        stepper.close()
