@@ -49,6 +49,9 @@ class VariantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fr
     # quality and its own measured cost; both stay loaded, no weights are added.
     draft: Name | None = None
     draft_max: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
+    # draft fewer tokens where the draft keeps being wrong (+2 after a step that accepted all,
+    # -1 after one that did not, between 1 and draft_max, per request)
+    draft_adaptive: bool = False
 
     @property
     def threads(self) -> int:
@@ -89,6 +92,11 @@ class FamilyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     def routable(self) -> list[VariantConfig]:
         """Every variant a request can run on: the configured ones, then the speculative pairs."""
         return [*self.variants, *self.speculative_variants]
+
+    def pair_sequences(self, name: str) -> int:
+        """Sequences of speculative pairs that variant `name`'s context holds beside its own
+        `parallel` (as their target or their draft): they take KV cache memory too."""
+        return sum(v.parallel for v in self.local_variants if v.draft is not None and name in (v.name, v.draft))
 
     def pair(self, name: str) -> tuple[VariantConfig, VariantConfig] | None:
         """(target, draft) of a speculative pair's name; None for any other name."""

@@ -79,8 +79,8 @@ def build(settings: ServerSettings, notifier: Notifier | None = None) -> Server:
         log.warning("policy", detail=warning)
     prepared = prepare_models(models, settings.models_path.resolve().parent, settings.cache_dir,
                               lambda line: log.info("prepare", detail=line))
-    kv_tokens = {f"{family.name}:{v.name}": v.n_ctx * v.parallel for family in models.families
-                 for v in family.variants}
+    kv_tokens = {f"{family.name}:{v.name}": v.n_ctx * (v.parallel + family.pair_sequences(v.name))
+                 for family in models.families for v in family.variants}
     memory = check_memory([(item.path, kv_tokens.get(vid, 0)) for vid, item in prepared.items()])
     if not memory.fits and settings.memory_check == "refuse":
         raise ConfigError(memory.message())

@@ -10,7 +10,7 @@ Ratios are per round (pair over plain, measured minutes apart); medians and the 
 rounds are printed.
 
     .venv/bin/python scripts/speculative_bench.py TARGET.gguf DRAFT.gguf --questions test.jsonl \\
-        [--limit 8] [--max-tokens 128] [--draft-lengths 2,3,4,6] [--concurrency 1,4] [--rounds 3]
+        [--limit 8] [--max-tokens 128] [--draft-lengths 2,3,4,6] [--concurrency 1,4] [--rounds 3] [--adaptive]
 
 One process, one stepping loop (one llama.cpp decode at a time), 2 threads per model.
 """
@@ -81,11 +81,14 @@ async def run(args: argparse.Namespace) -> None:
     draft = LlamaRunner("bench:draft", args.draft,
                         VariantConfig(name="draft", path=str(args.draft), n_ctx=args.n_ctx, parallel=1,
                                       n_threads=args.threads), stepper)
-    pairs = {}
-    for k in lengths:
+    pairs: dict[str, PairRunner] = {}
+    configs = [(f"k={k}", k, False) for k in lengths]
+    if args.adaptive:
+        configs.append((f"k<={max(lengths)} adaptive", max(lengths), True))
+    for name, k, adaptive in configs:
         target.config = VariantConfig(name="target", path=str(args.target), n_ctx=args.n_ctx, parallel=parallel,
-                                      n_threads=args.threads, draft="draft", draft_max=k)
-        pairs[k] = PairRunner(f"bench:target+draft-k{k}", target, draft)
+                                      n_threads=args.threads, draft="draft", draft_max=k, draft_adaptive=adaptive)
+        pairs[name] = PairRunner(f"bench:target+draft-{len(pairs)}", target, draft)
     target.config = config
     await target.load()
     await draft.load()
@@ -97,7 +100,7 @@ async def run(args: argparse.Namespace) -> None:
           f"draft {args.draft.name}; {args.rounds} rounds, configurations interleaved in each")
     alone_texts = (await answer_all(target, prompts, args.max_tokens, 1))[0]
     for width in widths:
-        tallies = {"plain": Tally(), **{f"k={k}": Tally() for k in lengths}}
+        tallies = {"plain": Tally(), **{name: Tally() for name in pairs}}
         for _ in range(args.rounds):
             texts, seconds, tokens, _, _ = await answer_all(target, prompts, args.max_tokens, width)
             plain_rate = tokens / seconds
@@ -105,9 +108,9 @@ async def run(args: argparse.Namespace) -> None:
             tallies["plain"].ratios.append(1.0)
             tallies["plain"].alone += sum(a == b for a, b in zip(texts, alone_texts, strict=True))
             tallies["plain"].answers += len(texts)
-            for k, pair in pairs.items():
+            for name, pair in pairs.items():
                 got, seconds, n, drafted, accepted = await answer_all(pair, prompts, args.max_tokens, width)
-                tally = tallies[f"k={k}"]
+                tally = tallies[name]
                 tally.rates.append(n / seconds)
                 tally.ratios.append(n / seconds / plain_rate)
                 tally.drafted += drafted
@@ -118,14 +121,14 @@ async def run(args: argparse.Namespace) -> None:
                 tally.alone += sum(a == b for a, b in zip(got, alone_texts, strict=True))
                 tally.answers += len(got)
         print(f"\n{width} request(s) at a time:")
-        print(f"{'config':>7s} {'tok/s (median)':>15s} {'vs plain (median, range)':>26s} {'acceptance':>11s} "
+        print(f"{'config':>16s} {'tok/s (median)':>15s} {'vs plain (median, range)':>26s} {'acceptance':>11s} "
               f"{'tokens/step':>12s} {'same text':>10s} {'as alone':>9s}")
         for name, t in tallies.items():
             spread = f"{statistics.median(t.ratios):.2f}x ({min(t.ratios):.2f}-{max(t.ratios):.2f})"
             acceptance = f"{t.accepted / t.drafted:.1%}" if t.drafted else "-"
             per_step = f"{t.tokens / max(t.verify_steps, 1):.2f}" if t.drafted else "1.00"
             same = f"{t.same}/{t.answers}" if t.drafted else "-"
-            print(f"{name:>7s} {statistics.median(t.rates):15.1f} {spread:>26s} {acceptance:>11s} {per_step:>12s} "
+            print(f"{name:>16s} {statistics.median(t.rates):15.1f} {spread:>26s} {acceptance:>11s} {per_step:>12s} "
                   f"{same:>10s} {t.alone:>4d}/{t.answers}")
     stepper.close()
     for runner in [*pairs.values(), draft, target]:
@@ -141,6 +144,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--draft-lengths", default="2,3,4,6")
     parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="also an adaptive pair (draft_adaptive) at the longest draft length")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n-ctx", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)

@@ -260,7 +260,9 @@ def profile_key(runner: LlamaRunner, hashes: HashIndex) -> str:
     shas = [hashes.sha256(file) for file in runner.files]
     if len(shas) == 1:
         return shas[0]
-    return hashlib.sha256(f"{'+'.join(shas)}|draft_max={runner.config.draft_max}".encode()).hexdigest()
+    config = runner.config
+    return hashlib.sha256(f"{'+'.join(shas)}|draft_max={config.draft_max}|adaptive={config.draft_adaptive}"
+                          .encode()).hexdigest()
 
 
 def covers_batching(profile: CostProfile, parallel: int) -> bool:

@@ -38,7 +38,7 @@ class ResidencyManager:
     def __init__(self, runners: dict[str, LlamaRunner], budget_bytes: int | None,
                  min_residency_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.runners = runners
-        self.residency = Residency({v: resident_bytes(r.path, r.config.n_ctx * r.config.parallel)
+        self.residency = Residency({v: resident_bytes(r.path, r.config.n_ctx * (r.config.parallel + r.extra_sequences))
                                     for v, r in runners.items()},
                                    budget_bytes, min_residency_s)
         self._clock = clock

@@ -53,7 +53,8 @@ class PairRunner(LlamaRunner):
                                         f"{self.draft.variant_id} before their speculative pair")
         started = time.perf_counter()
         decoder = SpeculativeDecoder(target, draft, parallel=self.parallel, target_first=self._target_first,
-                                     draft_first=self._draft_first, draft_max=self.draft_max)
+                                     draft_first=self._draft_first, draft_max=self.draft_max,
+                                     adaptive=self.config.draft_adaptive)
         with self._swap_lock:
             self._decoder = decoder
             self.stepper.attach(self.variant_id, decoder, self.parallel, lambda: self.profile)

@@ -16,6 +16,7 @@ logits are wanted when the queue is empty afterwards (the end of the prompt, or 
 from __future__ import annotations
 
 import codecs
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -119,6 +120,17 @@ def until_closed(text: str, depth: int) -> tuple[str, int]:
         if depth == 0:
             return text[: i + 1], 0
     return text, depth
+
+
+def common_prefix(a: Seq[int], b: Seq[int]) -> int:
+    """How many leading tokens two token lists share (a cached prompt prefix, or the drafts the
+    target would have chosen too)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def check_prompt(job: GenerationJob, n_ctx: int) -> None:

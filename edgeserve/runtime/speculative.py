@@ -36,7 +36,7 @@ from collections.abc import Sequence as Seq
 import numpy as np
 
 from edgeserve.runtime.decoder import BatchEntry, Decoder
-from edgeserve.runtime.sequence import SamplingParams
+from edgeserve.runtime.sequence import SamplingParams, common_prefix
 from edgeserve.runtime.speculative_sampling import accept_drafted, draw, probabilities
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -56,20 +56,6 @@ def speculable(sampling: SamplingParams) -> bool:
             and sampling.frequency_penalty == 0.0)
 
 
-def agreed(drafted: Seq[int], target_best: Seq[int]) -> int:
-    """How many leading drafts equal the target's greedy token at their position."""
-    n = 0
-    for draft, best in zip(drafted, target_best, strict=False):
-        if draft != best:
-            break
-        n += 1
-    return n
-
-
-def _common_prefix(a: Seq[int], b: Seq[int]) -> int:
-    return agreed(a, b)
-
-
 class SpeculativeDecoder:
     """A target and a draft decoder as one decoder of the stepping loop (see the module doc).
 
@@ -77,7 +63,7 @@ class SpeculativeDecoder:
     `draft_first + i` of the draft's."""
 
     def __init__(self, target: Decoder, draft: Decoder, *, parallel: int, target_first: int,
-                 draft_first: int, draft_max: int) -> None:
+                 draft_first: int, draft_max: int, adaptive: bool = False) -> None:
         if draft_max < 1:
             raise ValueError("draft_max must be at least 1")
         if target_first + parallel > target.n_seq_max or draft_first + parallel > draft.n_seq_max:
@@ -88,6 +74,11 @@ class SpeculativeDecoder:
         self.draft = draft
         self.parallel = parallel
         self.draft_max = draft_max
+        # adaptive: each sequence drafts `_length[seq]` tokens, +2 after a step that accepted all
+        # of them, -1 after one that did not (Hugging Face's assisted-generation schedule), so
+        # text the draft predicts poorly costs fewer wasted draft steps
+        self.adaptive = adaptive
+        self._length: dict[int, int] = {}
         self._target_first = target_first
         self._draft_first = draft_first
         self._held: dict[int, list[int]] = {}  # what the target's KV holds, per pair sequence
@@ -136,10 +127,11 @@ class SpeculativeDecoder:
         held = self._held.setdefault(seq_id, [])
         del held[keep:]
         draft_held = self._draft_held.setdefault(seq_id, [])
-        del draft_held[_common_prefix(draft_held, held):]
+        del draft_held[common_prefix(draft_held, held):]
         self.draft.new_sequence(self._d(seq_id), GREEDY, keep=len(draft_held))
         self._sampling.pop(seq_id, None)
         self._rng.pop(seq_id, None)
+        self._length[seq_id] = self.draft_max
         if speculable(sampling):
             self._sampling[seq_id] = sampling
             if not lossless_greedy(sampling):
@@ -156,7 +148,7 @@ class SpeculativeDecoder:
         self.target.copy_prefix(self._t(src), self._t(dst), n_tokens)
         self._held[dst] = self._held.get(src, [])[:n_tokens]
         src_draft = self._draft_held.get(src, [])
-        n_draft = _common_prefix(src_draft, self._held[dst])
+        n_draft = common_prefix(src_draft, self._held[dst])
         if n_draft > 0:
             self.draft.copy_prefix(self._d(src), self._d(dst), n_draft)
         else:
@@ -202,13 +194,16 @@ class SpeculativeDecoder:
                 continue
             rng = self._rng.get(entry.seq_id)
             if rng is None:
-                tokens = got[: agreed(drafted, got) + 1]
+                tokens = got[: common_prefix(drafted, got) + 1]
             else:
                 params = self._sampling[entry.seq_id]
                 target_probs = np.stack([probabilities(row, params)
                                          for row in self.target.logits_of(self._t(entry.seq_id))])
                 tokens = accept_drafted(target_probs, np.stack(draft_probs[entry.seq_id]), drafted, rng)
             n = len(tokens) - 1
+            if self.adaptive:
+                length = self._length[entry.seq_id] + (2 if n == len(drafted) else -1)
+                self._length[entry.seq_id] = max(1, min(self.draft_max, length))
             self.keep(entry.seq_id, entry.pos + 1 + n)  # the last token and the accepted drafts
             self._held[entry.seq_id].extend(drafted[:n])
             self._drafted[entry.seq_id] = len(drafted)
@@ -216,15 +211,17 @@ class SpeculativeDecoder:
         return result
 
     def _draft_lengths(self, entries: Seq[BatchEntry]) -> dict[int, int]:
-        """How many tokens to draft per decoding sequence: `draft_max`, at most its tokens left,
-        and no more than the target's batch has room for beside the step's other tokens."""
+        """How many tokens to draft per decoding sequence: `draft_max` (adaptive: its own
+        length), at most its tokens left, and no more than the target's batch has room for
+        beside the step's other tokens."""
         speculating = [e for e in entries if e.logits and not e.verify and len(e.tokens) == 1
                        and e.draft_limit > 0 and e.seq_id in self._sampling]
         if not speculating:
             return {}
         spare = self.target.n_batch - sum(len(e.tokens) for e in entries)
         share = spare // len(speculating)
-        return {e.seq_id: n for e in speculating if (n := min(self.draft_max, e.draft_limit, share)) > 0}
+        return {e.seq_id: n for e in speculating
+                if (n := min(self._length.get(e.seq_id, self.draft_max), e.draft_limit, share)) > 0}
 
     def _follow(self, chunks: list[BatchEntry]) -> None:
         """Feed the draft the prompt chunks (and forced prefixes) the target evaluates in this
@@ -234,7 +231,7 @@ class SpeculativeDecoder:
             if entry.seq_id not in self._sampling:
                 continue
             draft_held = self._draft_held[entry.seq_id]
-            n = _common_prefix(draft_held, self._held[entry.seq_id][: entry.pos])
+            n = common_prefix(draft_held, self._held[entry.seq_id][: entry.pos])
             if n < len(draft_held):
                 self.draft.keep(self._d(entry.seq_id), n)
                 del draft_held[n:]
@@ -258,7 +255,7 @@ class SpeculativeDecoder:
         first: list[BatchEntry] = []
         for seq_id in lengths:
             held, draft_held = self._held[seq_id], self._draft_held[seq_id]
-            n = _common_prefix(draft_held, held[:-1])
+            n = common_prefix(draft_held, held[:-1])
             if n < len(draft_held):
                 draft.keep(self._d(seq_id), n)
                 del draft_held[n:]

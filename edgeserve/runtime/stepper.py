@@ -58,6 +58,7 @@ from edgeserve.runtime.sequence import (
     SamplingParams,
     Sequence,
     check_prompt,
+    common_prefix,
 )
 
 log = get_logger("edgeserve.stepper")
@@ -177,15 +178,6 @@ class Lane:
 
 def _free_places(lane: Lane) -> int:
     return sum(p.work is None for p in lane.places)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Stepper:
@@ -489,15 +481,15 @@ class Stepper:
             work.generation._emit_end(exc)
             return
         usable = len(prompt) - 1  # the last prompt token is always evaluated (its logits)
-        own = max(free, key=lambda p: (min(_common_prefix(p.tokens, prompt), usable), -p.last_used))
-        own_n = min(_common_prefix(own.tokens, prompt), usable)
+        own = max(free, key=lambda p: (min(common_prefix(p.tokens, prompt), usable), -p.last_used))
+        own_n = min(common_prefix(own.tokens, prompt), usable)
         if own_n == 0:
             own = min(free, key=lambda p: p.last_used)
         donor, donor_n = None, own_n
         for place in lane.places:
             if place is own:
                 continue
-            n = min(_common_prefix(place.tokens, prompt), usable)
+            n = min(common_prefix(place.tokens, prompt), usable)
             if n > donor_n:
                 donor, donor_n = place, n
         decoder = lane.decoder

@@ -270,6 +270,7 @@ def test_a_variant_with_a_draft_adds_a_speculative_pair(tmp_path: Path) -> None:
     pair = family.variant("big+small")
     assert pair is not None and pair.quant == "Q8_0" and pair.draft_max == 3
     assert family.pair("big") is None and family.pair("big+other") is None
+    assert family.pair_sequences("big") == family.pair_sequences("small") == 1  # the pair's `parallel`
 
 
 @pytest.mark.parametrize("text,message", [

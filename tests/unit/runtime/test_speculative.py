@@ -15,8 +15,8 @@ import pytest
 
 from edgeserve.routing.costs import CostProfile
 from edgeserve.runtime.decoder import BatchEntry
-from edgeserve.runtime.sequence import TAIL_RESERVE_S, GenerationJob, SamplingParams
-from edgeserve.runtime.speculative import SpeculativeDecoder, agreed, lossless_greedy
+from edgeserve.runtime.sequence import TAIL_RESERVE_S, GenerationJob, SamplingParams, common_prefix
+from edgeserve.runtime.speculative import SpeculativeDecoder, lossless_greedy
 from edgeserve.runtime.stepper import Stepper
 from tests.unit.runtime.test_stepper import FakeDecoder, expected_text, job, submit
 
@@ -70,10 +70,10 @@ def stepper() -> Iterable[Stepper]:
     s.close()
 
 
-def test_agreed_counts_the_leading_drafts_the_target_chose_too() -> None:
-    assert agreed([5, 6, 7], [5, 6, 9, 1]) == 2
-    assert agreed([5, 6], [4, 6, 1]) == 0
-    assert agreed([5, 6], [5, 6, 3]) == 2
+def test_common_prefix_counts_the_leading_drafts_the_target_chose_too() -> None:
+    assert common_prefix([5, 6, 7], [5, 6, 9, 1]) == 2
+    assert common_prefix([5, 6], [4, 6, 1]) == 0
+    assert common_prefix([5, 6], [5, 6, 3]) == 2
 
 
 def test_only_greedy_decoding_without_penalties_is_verified_by_argmax() -> None:
@@ -219,3 +219,16 @@ async def test_speculative_steps_stop_before_the_deadline() -> None:
         assert generation.result.predicted_n > 40  # 4 tokens a step, not 1
     finally:
         stepper.close()
+
+
+async def test_adaptive_drafts_shrink_where_the_draft_is_wrong_and_grow_back(stepper: Stepper) -> None:
+    target = FakeModel(n_seq_max=2)
+    draft = FakeModel(n_seq_max=2, wrong=lambda kv: len(kv) < 20)  # wrong early, right later
+    decoder = SpeculativeDecoder(target, draft, parallel=1, target_first=1, draft_first=1,  # type: ignore[arg-type]
+                                 draft_max=6, adaptive=True)
+    stepper.attach("f:p", decoder, parallel=1)
+    generation = submit(stepper, "f:p", job([1, 2], 60))
+    assert await generation.text() == expected_text([1, 2], 60)
+    lengths = [len(e.tokens) - 1 for s in target.steps for e in s if e.verify]
+    assert lengths[:6] == [6, 5, 4, 3, 2, 1]  # one fewer after each rejection
+    assert 6 in lengths[6:]  # then back up to draft_max while everything is accepted
