@@ -58,8 +58,52 @@ def _sampling(wire: SamplingFields) -> SamplingParams:
     )
 
 
+def _unsupported(field: str, why: str) -> InvalidRequestError:
+    return InvalidRequestError(f"`{field}` is not supported by edgeserve: {why}. Leave it out; the answer "
+                               "would not be what it asks for.", param=field, code="unsupported_parameter")
+
+
+def refuse_unsupported(wire: ChatCompletionRequest | CompletionRequest) -> None:
+    """A 400 for every OpenAI field that would change what the answer means and that edgeserve
+    does not honour; harmless values of them (the defaults a client may send) pass."""
+    if wire.logit_bias:
+        raise _unsupported("logit_bias", "token biases are not applied")
+    if isinstance(wire, CompletionRequest):
+        if wire.echo:
+            raise _unsupported("echo", "the prompt is not echoed")
+        if wire.logprobs is not None:
+            raise _unsupported("logprobs", "log-probabilities are not returned")
+        if wire.suffix:
+            raise _unsupported("suffix", "text is not inserted before a suffix")
+        if wire.best_of not in (None, 1):
+            raise _unsupported("best_of", "one completion is generated per request")
+        return
+    if wire.response_format is not None and wire.response_format.get("type") != "text":
+        raise _unsupported("response_format", "structured output (JSON mode, JSON schema) is not enforced yet; "
+                           "only {\"type\": \"text\"} is accepted")
+    if wire.tools:
+        raise _unsupported("tools", "tool calls are not parsed for any model it serves (their chat templates "
+                           "have no tool support)")
+    if wire.functions:
+        raise _unsupported("functions", "function calls are not parsed")
+    for field in ("tool_choice", "function_call"):
+        choice = getattr(wire, field)
+        if choice is not None and choice != "none":
+            raise _unsupported(field, "there are no tools to call; only \"none\" is accepted")
+    if wire.logprobs:
+        raise _unsupported("logprobs", "log-probabilities are not returned yet")
+    if wire.top_logprobs is not None:
+        raise _unsupported("top_logprobs", "log-probabilities are not returned yet")
+    if wire.modalities is not None and wire.modalities != ["text"]:
+        raise _unsupported("modalities", "it answers in text only")
+    for field in ("audio", "prediction", "reasoning_effort", "web_search_options"):
+        if getattr(wire, field) is not None:
+            raise _unsupported(field, "its models and runtime have no such feature")
+
+
 def parse_chat(body: bytes) -> tuple[ChatCompletionRequest, InferenceRequest]:
     wire = _decode(_chat_decoder, body)
+    refuse_unsupported(wire)
     # "developer" is the newer name of "system"; chat templates only know the latter.
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -78,8 +122,7 @@ def parse_chat(body: bytes) -> tuple[ChatCompletionRequest, InferenceRequest]:
 
 def parse_completion(body: bytes) -> tuple[CompletionRequest, InferenceRequest]:
     wire = _decode(_completion_decoder, body)
-    if wire.echo:
-        raise InvalidRequestError("`echo` is not supported; leave it false.", param="echo")
+    refuse_unsupported(wire)
     request = InferenceRequest(
         model=wire.model,
         prompt=wire.prompt_text(),

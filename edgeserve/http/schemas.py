@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -15,6 +15,8 @@ MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000)]
 Seed = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 StopList = Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=4)]
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+_REFUSED = "Not supported by edgeserve: a request that sets it gets a 400 naming it"
+Json = dict[str, Any]  # a JSON object, whatever is in it
 
 
 class TextPart(msgspec.Struct, tag_field="type", tag="text"):
@@ -54,7 +56,14 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     repeat_penalty: Annotated[float, Meta(ge=0.0, le=10.0)] = 1.0
+    # Harmless: accepted, and they change nothing in the answer.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # They would change what the answer means, and are not supported: a 400 names them
+    # (http.parse.refuse_unsupported) instead of an answer that ignores them.
+    logit_bias: Annotated[dict[str, float] | None, Meta(description=_REFUSED)] = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -65,12 +74,28 @@ class SamplingFields(msgspec.Struct, kw_only=True):
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
+    parallel_tool_calls: bool | None = None  # harmless without tools
+    response_format: Annotated[Json | None, Meta(description=_REFUSED + ' (only {"type": "text"})')] = None
+    tools: Annotated[list[Any] | None, Meta(description=_REFUSED + " (an empty list is accepted)")] = None
+    tool_choice: Annotated[str | Json | None, Meta(description=_REFUSED + ' ("none" is accepted)')] = None
+    functions: Annotated[list[Any] | None, Meta(description=_REFUSED)] = None
+    function_call: Annotated[str | Json | None, Meta(description=_REFUSED + ' ("none" is accepted)')] = None
+    logprobs: Annotated[bool | None, Meta(description=_REFUSED + " (false is accepted)")] = None
+    top_logprobs: Annotated[int | None, Meta(description=_REFUSED)] = None
+    audio: Annotated[Json | None, Meta(description=_REFUSED)] = None
+    modalities: Annotated[list[str] | None, Meta(description=_REFUSED + ' (only ["text"])')] = None
+    prediction: Annotated[Json | None, Meta(description=_REFUSED)] = None
+    reasoning_effort: Annotated[str | None, Meta(description=_REFUSED)] = None
+    web_search_options: Annotated[Json | None, Meta(description=_REFUSED)] = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
     prompt: Annotated[str, Meta(max_length=4_000_000)] | Annotated[list[str], Meta(min_length=1, max_length=1)]
     max_tokens: MaxTokens | None = 16
-    echo: bool = False
+    echo: Annotated[bool, Meta(description=_REFUSED + " (false is accepted)")] = False
+    logprobs: Annotated[int | None, Meta(description=_REFUSED)] = None
+    suffix: Annotated[str | None, Meta(description=_REFUSED)] = None
+    best_of: Annotated[int | None, Meta(description=_REFUSED + " (1 is accepted)")] = None
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

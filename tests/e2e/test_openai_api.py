@@ -51,7 +51,9 @@ def check_decision(extra: dict[str, Any] | None, *, variant: str, budget: int,
     assert info["budget_tokens"] == budget
     assert info["finish"] == finish_reason  # no deadline, no disconnect: the same two words
     assert info["queue_ms"] >= 0
-    assert set(timings) == {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "cache_n"}
+    assert set(timings) == {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "cache_n", "draft_n",
+                            "draft_n_accepted"}
+    assert timings["draft_n"] == timings["draft_n_accepted"] == 0  # no speculative pair here
     assert timings["prompt_n"] > 0
     assert 0 <= timings["cache_n"] < timings["prompt_n"]  # the last prompt token is always evaluated
     assert timings["prompt_ms"] > 0

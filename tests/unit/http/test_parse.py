@@ -258,3 +258,49 @@ def test_completion_invalid_fields() -> None:
     with pytest.raises(InvalidRequestError) as info:
         parse_completion(completion_body(max_tokens="5"))
     assert info.value.param == "max_tokens"
+
+
+# ---- fields that change what the answer means: honoured or a 400 naming them ---------------------
+
+TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+    ("tools", [TOOL]),
+    ("tool_choice", "auto"),
+    ("tool_choice", {"type": "function", "function": {"name": "get_time"}}),
+    ("functions", [TOOL["function"]]),
+    ("function_call", "auto"),
+    ("logprobs", True),
+    ("top_logprobs", 3),
+    ("logit_bias", {"50256": -100}),
+    ("audio", {"voice": "alloy", "format": "wav"}),
+    ("modalities", ["text", "audio"]),
+    ("prediction", {"type": "content", "content": "x"}),
+    ("reasoning_effort", "low"),
+    ("web_search_options", {}),
+])
+def test_chat_fields_that_would_be_ignored_are_refused_by_name(field: str, value: Any) -> None:
+    error = chat_error(chat_body(**{field: value}))
+    assert error.param == field and error.code == "unsupported_parameter"
+    assert f"`{field}` is not supported" in error.message
+
+
+@pytest.mark.parametrize("fields", [
+    {"response_format": {"type": "text"}}, {"tools": []}, {"tool_choice": "none"}, {"function_call": "none"},
+    {"logprobs": False}, {"modalities": ["text"]}, {"logit_bias": {}}, {"parallel_tool_calls": True},
+    {"user": "u1", "metadata": {"app": "demo"}, "store": False, "service_tier": "auto"},
+])
+def test_harmless_values_and_fields_are_accepted(fields: dict[str, Any]) -> None:
+    parse_chat(chat_body(**fields))
+
+
+@pytest.mark.parametrize("field,value", [("logprobs", 2), ("suffix", "The end."), ("best_of", 3),
+                                         ("logit_bias", {"1": 5})])
+def test_completion_fields_that_would_be_ignored_are_refused_by_name(field: str, value: Any) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        parse_completion(completion_body(**{field: value}))
+    assert info.value.param == field and info.value.code == "unsupported_parameter"
+    parse_completion(completion_body(best_of=1, user="u1"))
