@@ -15,7 +15,7 @@ import pytest
 
 from edgeserve.routing.costs import CostProfile
 from edgeserve.runtime.decoder import BatchEntry
-from edgeserve.runtime.sequence import TAIL_RESERVE_S, GenerationJob, SamplingParams, common_prefix
+from edgeserve.runtime.sequence import TAIL_RESERVE_S, AnswerForcing, GenerationJob, SamplingParams, common_prefix
 from edgeserve.runtime.speculative import SpeculativeDecoder, lossless_greedy
 from edgeserve.runtime.stepper import Stepper
 from tests.unit.runtime.test_stepper import FakeDecoder, expected_text, job, submit
@@ -232,3 +232,18 @@ async def test_adaptive_drafts_shrink_where_the_draft_is_wrong_and_grow_back(ste
     lengths = [len(e.tokens) - 1 for s in target.steps for e in s if e.verify]
     assert lengths[:6] == [6, 5, 4, 3, 2, 1]  # one fewer after each rejection
     assert 6 in lengths[6:]  # then back up to draft_max while everything is accepted
+
+
+async def test_a_forced_answer_prefix_gives_the_same_text_as_the_target_alone(stepper: Stepper) -> None:
+    # prefix tokens the rule never makes, so the KV shows where they went
+    forcing = AnswerForcing(prefix_tokens=(500, 501, 502), prefix_text=" {", reserve=4, marker="}}")
+    j = GenerationJob([7, 8], 30, SamplingParams(temperature=0.0), ignore_eos=True, forcing=forcing)
+    stepper.attach("f:plain", FakeModel(n_seq_max=1), parallel=1)
+    decoder, target, _ = pair(draft_wrong=lambda kv: sum(kv) % 5 == 0, draft_max=4)
+    stepper.attach("f:pair", decoder, parallel=2)
+    plain = await submit(stepper, "f:plain", j).text()
+    speculative = submit(stepper, "f:pair", j)
+    assert await speculative.text() == plain and " {" in plain
+    assert speculative.result is not None and speculative.result.drafted_n > 0
+    fed = target.kv[2]
+    assert fed[:2] == [7, 8] and fed[fed.index(500):][:3] == [500, 501, 502] and fed.count(500) == 1
