@@ -112,7 +112,9 @@ async def _complete(
             return Response(b"", status_code=499)  # nobody reads it (nginx's "client closed request")
         text = answer.result()
         assert run.result is not None
-        return Response(full_body(ctx, text, run.result), media_type="application/json", headers=ctx.headers())
+        logprobs = run.take_logprobs() if ctx.wants_logprobs else None
+        return Response(full_body(ctx, text, run.result, logprobs), media_type="application/json",
+                        headers=ctx.headers())
     finally:
         gone.cancel()
         run.close()
@@ -142,9 +144,9 @@ async def _frames(ctx: CompletionContext, include_usage: bool) -> AsyncIterator[
             return
         try:
             async for piece in run:
-                yield chunks.piece(piece)
+                yield chunks.piece(piece, run.take_logprobs() if ctx.wants_logprobs else None)
             assert run.result is not None
-            yield chunks.last(run.result, include_usage)
+            yield chunks.last(run.result, include_usage, run.take_logprobs() if ctx.wants_logprobs else None)
         except GenerationFailedError as exc:
             log.error("request_failed", error=exc.message, path="stream", request_id=ctx.request_id,
                       exc_info=exc.__cause__)  # the runner's own traceback, for the operator

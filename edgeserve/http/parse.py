@@ -8,7 +8,7 @@ from typing import Literal, TypeVar
 import msgspec
 
 from edgeserve.errors import InvalidRequestError
-from edgeserve.http.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from edgeserve.http.schemas import ChatCompletionRequest, CompletionRequest
 from edgeserve.pipeline.request import InferenceRequest
 from edgeserve.runtime.sequence import SamplingParams
 
@@ -46,7 +46,14 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         ) from exc
 
 
-def _sampling(wire: SamplingFields) -> SamplingParams:
+def _logprobs(wire: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """How many alternatives per token the request wants log-probabilities for (None: none)."""
+    if isinstance(wire, CompletionRequest):
+        return wire.logprobs
+    return (wire.top_logprobs or 0) if wire.logprobs else None
+
+
+def _sampling(wire: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
     return SamplingParams(
         temperature=wire.temperature,
         top_p=wire.top_p,
@@ -55,6 +62,7 @@ def _sampling(wire: SamplingFields) -> SamplingParams:
         repeat_penalty=wire.repeat_penalty,
         presence_penalty=wire.presence_penalty,
         frequency_penalty=wire.frequency_penalty,
+        logprobs=_logprobs(wire),
     )
 
 
@@ -71,8 +79,6 @@ def refuse_unsupported(wire: ChatCompletionRequest | CompletionRequest) -> None:
     if isinstance(wire, CompletionRequest):
         if wire.echo:
             raise _unsupported("echo", "the prompt is not echoed")
-        if wire.logprobs is not None:
-            raise _unsupported("logprobs", "log-probabilities are not returned")
         if wire.suffix:
             raise _unsupported("suffix", "text is not inserted before a suffix")
         if wire.best_of not in (None, 1):
@@ -90,10 +96,8 @@ def refuse_unsupported(wire: ChatCompletionRequest | CompletionRequest) -> None:
         choice = getattr(wire, field)
         if choice is not None and choice != "none":
             raise _unsupported(field, "there are no tools to call; only \"none\" is accepted")
-    if wire.logprobs:
-        raise _unsupported("logprobs", "log-probabilities are not returned yet")
-    if wire.top_logprobs is not None:
-        raise _unsupported("top_logprobs", "log-probabilities are not returned yet")
+    if wire.top_logprobs is not None and not wire.logprobs:
+        raise InvalidRequestError("`top_logprobs` needs `logprobs: true`.", param="top_logprobs")
     if wire.modalities is not None and wire.modalities != ["text"]:
         raise _unsupported("modalities", "it answers in text only")
     for field in ("audio", "prediction", "reasoning_effort", "web_search_options"):

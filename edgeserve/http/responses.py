@@ -12,19 +12,23 @@ from edgeserve.http.schemas import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
+    ChoiceLogprobs,
     ChunkChoice,
+    ContentLogprob,
     Delta,
     EdgeserveInfo,
     FinishReason,
     PromptTokensDetails,
     TextChoice,
     TextCompletion,
+    TextLogprobs,
     Timings,
+    TopLogprob,
     Usage,
 )
 from edgeserve.pipeline.admission import Admission
 from edgeserve.pipeline.run import Run
-from edgeserve.runtime.sequence import GenerationResult
+from edgeserve.runtime.sequence import GenerationResult, TokenLogprob
 
 _encoder = msgspec.json.Encoder()
 
@@ -64,6 +68,10 @@ class CompletionContext:
     @property
     def model(self) -> str:
         return str(self.admission.variant_id)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.run.request.sampling.logprobs is not None
 
     def headers(self) -> dict[str, str]:
         return {
@@ -108,16 +116,40 @@ def info_of(ctx: CompletionContext, result: GenerationResult) -> EdgeserveInfo:
     )
 
 
-def full_body(ctx: CompletionContext, text: str, result: GenerationResult) -> bytes:
+def _text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(logprobs: list[TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs([
+        ContentLogprob(_text(lp.piece), lp.logprob, list(lp.piece),
+                       [TopLogprob(_text(piece), value, list(piece)) for piece, value in lp.top])
+        for lp in logprobs])
+
+
+def text_logprobs(logprobs: list[TokenLogprob], offset: int = 0) -> TextLogprobs:
+    """The legacy format; `offset`: where in the completion's text the first token starts."""
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(_text(lp.piece))
+    return TextLogprobs([_text(lp.piece) for lp in logprobs], [lp.logprob for lp in logprobs],
+                        [{_text(piece): value for piece, value in lp.top} for lp in logprobs], offsets)
+
+
+def full_body(ctx: CompletionContext, text: str, result: GenerationResult,
+              logprobs: list[TokenLogprob] | None = None) -> bytes:
+    """`logprobs`: the sampled tokens' (when the request asked for them)."""
     if ctx.kind == "chat":
         return _encoder.encode(ChatCompletion(
             id=ctx.response_id, created=ctx.created, model=ctx.model,
-            choices=[ChatChoice(0, AssistantMessage(text), finish_reason(result))],
+            choices=[ChatChoice(0, AssistantMessage(text), finish_reason(result),
+                                None if logprobs is None else chat_logprobs(logprobs))],
             usage=usage_of(result), edgeserve=info_of(ctx, result), timings=timings_of(result),
         ))
     return _encoder.encode(TextCompletion(
         id=ctx.response_id, created=ctx.created, model=ctx.model,
-        choices=[TextChoice(0, text, finish_reason(result))],
+        choices=[TextChoice(0, text, finish_reason(result), None if logprobs is None else text_logprobs(logprobs))],
         usage=usage_of(result), edgeserve=info_of(ctx, result), timings=timings_of(result),
     ))
 
@@ -134,6 +166,7 @@ class ChunkEncoder:
 
     def __init__(self, ctx: CompletionContext) -> None:
         self.ctx = ctx
+        self._offset = 0  # text completions: where the next token's text starts (text_offset)
 
     def first(self) -> bytes | None:
         """Chat streams open with the assistant role, like OpenAI's."""
@@ -144,28 +177,40 @@ class ChunkEncoder:
             choices=[ChunkChoice(0, Delta(role="assistant", content=""))],
         )))
 
-    def piece(self, text: str) -> bytes:
+    def piece(self, text: str, logprobs: list[TokenLogprob] | None = None) -> bytes:
+        """A chunk of text, with the log-probabilities of the tokens sampled for it (when asked)."""
         ctx = self.ctx
         if ctx.kind == "chat":
             return sse(_encoder.encode(ChatCompletionChunk(
                 id=ctx.response_id, created=ctx.created, model=ctx.model,
-                choices=[ChunkChoice(0, Delta(content=text))],
+                choices=[ChunkChoice(0, Delta(content=text), None,
+                                     None if logprobs is None else chat_logprobs(logprobs))],
             )))
         return sse(_encoder.encode(TextCompletion(
             id=ctx.response_id, created=ctx.created, model=ctx.model,
-            choices=[TextChoice(0, text, None)],
+            choices=[TextChoice(0, text, None, self._text_logprobs(logprobs))],
         )))
 
-    def last(self, result: GenerationResult, include_usage: bool) -> bytes:
-        """The finishing chunk carries finish_reason, the edgeserve object and timings;
-        with stream_options.include_usage a usage-only chunk follows, as OpenAI sends it."""
+    def _text_logprobs(self, logprobs: list[TokenLogprob] | None) -> TextLogprobs | None:
+        if logprobs is None:
+            return None
+        found = text_logprobs(logprobs, self._offset)
+        self._offset += sum(len(token) for token in found.tokens)
+        return found
+
+    def last(self, result: GenerationResult, include_usage: bool,
+             logprobs: list[TokenLogprob] | None = None) -> bytes:
+        """The finishing chunk carries finish_reason, the edgeserve object and timings (and the
+        log-probabilities of tokens whose text was held back, when asked); with
+        stream_options.include_usage a usage-only chunk follows, as OpenAI sends it."""
         ctx = self.ctx
         info, timings = info_of(ctx, result), timings_of(result)
         usage_chunk: ChatCompletionChunk | TextCompletion
         if ctx.kind == "chat":
             final = _encoder.encode(ChatCompletionChunk(
                 id=ctx.response_id, created=ctx.created, model=ctx.model,
-                choices=[ChunkChoice(0, Delta(), finish_reason(result))],
+                choices=[ChunkChoice(0, Delta(), finish_reason(result),
+                                     None if logprobs is None else chat_logprobs(logprobs))],
                 edgeserve=info, timings=timings,
             ))
             usage_chunk = ChatCompletionChunk(id=ctx.response_id, created=ctx.created,
@@ -173,7 +218,8 @@ class ChunkEncoder:
         else:
             final = _encoder.encode(TextCompletion(
                 id=ctx.response_id, created=ctx.created, model=ctx.model,
-                choices=[TextChoice(0, "", finish_reason(result))], edgeserve=info, timings=timings,
+                choices=[TextChoice(0, "", finish_reason(result), self._text_logprobs(logprobs))],
+                edgeserve=info, timings=timings,
             ))
             usage_chunk = TextCompletion(id=ctx.response_id, created=ctx.created, model=ctx.model,
                                          choices=[], usage=usage_of(result))

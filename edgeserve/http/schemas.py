@@ -80,8 +80,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tool_choice: Annotated[str | Json | None, Meta(description=_REFUSED + ' ("none" is accepted)')] = None
     functions: Annotated[list[Any] | None, Meta(description=_REFUSED)] = None
     function_call: Annotated[str | Json | None, Meta(description=_REFUSED + ' ("none" is accepted)')] = None
-    logprobs: Annotated[bool | None, Meta(description=_REFUSED + " (false is accepted)")] = None
-    top_logprobs: Annotated[int | None, Meta(description=_REFUSED)] = None
+    logprobs: bool | None = None  # the sampled tokens' log-probabilities (local variants)
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # and this many alternatives (needs logprobs)
     audio: Annotated[Json | None, Meta(description=_REFUSED)] = None
     modalities: Annotated[list[str] | None, Meta(description=_REFUSED + ' (only ["text"])')] = None
     prediction: Annotated[Json | None, Meta(description=_REFUSED)] = None
@@ -93,7 +93,7 @@ class CompletionRequest(SamplingFields, kw_only=True):
     prompt: Annotated[str, Meta(max_length=4_000_000)] | Annotated[list[str], Meta(min_length=1, max_length=1)]
     max_tokens: MaxTokens | None = 16
     echo: Annotated[bool, Meta(description=_REFUSED + " (false is accepted)")] = False
-    logprobs: Annotated[int | None, Meta(description=_REFUSED)] = None
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # log-probabilities, with this many alternatives
     suffix: Annotated[str | None, Meta(description=_REFUSED)] = None
     best_of: Annotated[int | None, Meta(description=_REFUSED + " (1 is accepted)")] = None
 
@@ -148,6 +148,34 @@ class EdgeserveInfo(msgspec.Struct):
     accepted_tokens: int = 0  # of which the target agreed with (each saved the target a step)
 
 
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ContentLogprob(msgspec.Struct):
+    """One sampled token of a chat answer: its log-probability and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct):
+    content: list[ContentLogprob]
+
+
+class TextLogprobs(msgspec.Struct):
+    """A text completion's log-probabilities, in the legacy completions format."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(msgspec.Struct):
     content: str
     role: Literal["assistant"] = "assistant"
@@ -157,7 +185,7 @@ class ChatChoice(msgspec.Struct):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(msgspec.Struct):
@@ -181,7 +209,7 @@ class ChunkChoice(msgspec.Struct):
     index: int
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, omit_defaults=True, tag_field="object",
@@ -201,7 +229,7 @@ class TextChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
 
 
 class TextCompletion(msgspec.Struct, omit_defaults=True, tag_field="object", tag="text_completion"):

@@ -13,6 +13,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import msgspec
+
 from edgeserve.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -92,7 +94,7 @@ class Admitter:
                                   probe: Variant, prompt: Prompt, style: str | None, styles: tuple[str, ...],
                                   style_tokens: dict[str, int], hint_on: bool) -> Admission:
         """The decision, the prompt shaped for it, and the job reserved on the chosen variant."""
-        candidates = [self.catalog[vid].candidate() for vid in target.ids]
+        candidates = [_as_requested(self.catalog[vid], request) for vid in target.ids]
         decision = self.decide(request, target, len(prompt.tokens), probe.n_ctx, hint_on, candidates, policy,
                                styles, style_tokens)
         if isinstance(decision, Refusal):
@@ -159,6 +161,16 @@ class Admitter:
         if request.hint is not None:
             return request.hint
         return policy.hint.enabled and request.deadline_ms is not None and request.messages is not None
+
+
+def _as_requested(variant: Variant, request: InferenceRequest) -> VariantCandidate:
+    """The variant as routing sees it, unavailable when it cannot give what the request asks
+    for (log-probabilities from a remote variant)."""
+    candidate = variant.candidate()
+    if request.sampling.logprobs is not None and not variant.logprobs and candidate.available:
+        return msgspec.structs.replace(candidate, available=False,
+                                       unavailable_reason=f"{variant.id} returns no log-probabilities")
+    return candidate
 
 
 def _shape(variant: Variant, request: InferenceRequest, style: str | None, hint_tokens: int | None,

@@ -22,7 +22,7 @@ from edgeserve.pipeline.admission import Admission
 from edgeserve.pipeline.record import Recorder
 from edgeserve.pipeline.request import InferenceRequest
 from edgeserve.runtime.generation import Generation
-from edgeserve.runtime.sequence import GenerationResult
+from edgeserve.runtime.sequence import GenerationResult, TokenLogprob
 
 if TYPE_CHECKING:
     from edgeserve.pipeline.pipeline import Pipeline
@@ -81,6 +81,10 @@ class Run:
             self._failed = True
             self._record(None, failed=True)
             raise
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The sampled tokens' log-probabilities received since the last call (see Generation)."""
+        return [] if self.generation is None else self.generation.take_logprobs()
 
     async def text(self) -> str:
         """Start, generate all of it, and record it."""

@@ -73,6 +73,16 @@ class BatchEntry:
     draft_limit: int = 0
 
 
+def _logprobs_of(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log softmax of raw logits: the token's value and the `top` largest, largest first."""
+    row = logits.astype(np.float64)
+    peak = row.max()
+    log_sum = peak + np.log(np.exp(row - peak).sum())
+    best = np.argpartition(-row, top)[:top] if 0 < top < row.size else np.arange(row.size if top else 0)
+    best = best[np.argsort(-row[best], kind="stable")]
+    return float(row[token] - log_sum), [(int(i), float(row[i] - log_sum)) for i in best]
+
+
 class Decoder:
     """A loaded GGUF file, one llama.cpp context for up to `n_seq_max` sequences."""
 
@@ -103,6 +113,8 @@ class Decoder:
         self._pieces: dict[tuple[int, bool], bytes] = {}  # at most 2 × the vocabulary
         self._eog: dict[int, bool] = {}
         self._rows: dict[int, tuple[int, int]] = {}  # of the last step: seq_id → (first logits row, rows)
+        self._top_logprobs: dict[int, int] = {}  # sequences that want log-probabilities: how many top ones
+        self._logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = {}  # of the last step
         self._closed = False
 
         model_params = llama_cpp.llama_model_default_params()
@@ -204,6 +216,8 @@ class Decoder:
         self.free_sequence(seq_id, keep_kv=True)  # the sampler of its previous request, if any
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, keep, -1)
         self._samplers[seq_id] = self._sampler_chain(sampling)
+        if sampling.logprobs is not None:
+            self._top_logprobs[seq_id] = sampling.logprobs
 
     def free_sequence(self, seq_id: int, *, keep_kv: bool = False) -> None:
         """Drop the sequence's sampler chain and KV cells (cells shared with another sequence
@@ -214,6 +228,7 @@ class Decoder:
         sampler = self._samplers.pop(seq_id, None)
         if sampler is not None:
             llama_cpp.llama_sampler_free(sampler)
+        self._top_logprobs.pop(seq_id, None)
 
     def copy_prefix(self, src: int, dst: int, n_tokens: int) -> None:
         """Give `dst` the KV of `src`'s positions 0..n_tokens-1; `dst` then continues at
@@ -297,6 +312,7 @@ class Decoder:
             return {}
         batch.n_tokens = n
         self._rows = {}
+        self._logprobs = {}
         code = llama_cpp.llama_decode(self._ctx, batch)
         if code != 0:
             raise DecodeError(code, n)
@@ -307,8 +323,17 @@ class Decoder:
             if entry.verify:
                 out[entry.seq_id] = [self._argmax(first + i) for i in range(len(entry.tokens))]
             else:
-                out[entry.seq_id] = [int(llama_cpp.llama_sampler_sample(self._samplers[entry.seq_id], self._ctx, last))]
+                token = int(llama_cpp.llama_sampler_sample(self._samplers[entry.seq_id], self._ctx, last))
+                out[entry.seq_id] = [token]
+                top = self._top_logprobs.get(entry.seq_id)
+                if top is not None:
+                    self._logprobs[entry.seq_id] = _logprobs_of(self._logits_row(last), token, top)
         return out
+
+    def logprobs(self, seq_id: int) -> tuple[float, list[tuple[int, float]]] | None:
+        """The last step's sampled token's log-probability and the `logprobs` most likely tokens
+        with theirs, for a sequence that asked for them (its SamplingParams.logprobs)."""
+        return self._logprobs.get(seq_id)
 
     def _argmax(self, index: int) -> int:
         return int(self._logits_row(index).argmax())

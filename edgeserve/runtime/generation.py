@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 
 from edgeserve.errors import GenerationFailedError
-from edgeserve.runtime.sequence import GenerationResult
+from edgeserve.runtime.sequence import GenerationResult, TokenLogprob
 
 _handoffs = threading.local()
 
@@ -69,9 +69,12 @@ class Generation:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, flush_interval_s: float = 0.025) -> None:
         self._loop = loop
-        self._queue: asyncio.Queue[str | GenerationResult | BaseException] = asyncio.Queue()
+        self._queue: asyncio.Queue[str | list[TokenLogprob] | GenerationResult | BaseException] = asyncio.Queue()
         self._cancel = threading.Event()
         self._pending: list[str] = []
+        self._pending_logprobs: list[TokenLogprob] = []
+        self.logprobs: list[TokenLogprob] = []  # every one received (the request asked for them)
+        self._unread_logprobs = 0  # of which `take_logprobs` has not returned yet
         self._flush_interval_s = flush_interval_s
         self._last_flush = -math.inf
         self.joined: asyncio.Future[float] = loop.create_future()
@@ -95,6 +98,10 @@ class Generation:
     def _emit_joined(self, queue_ms: float | BaseException) -> None:
         _hand_off(self._loop, _resolve, self.joined, queue_ms)
 
+    def _emit_logprobs(self, logprobs: list[TokenLogprob]) -> None:
+        """Sampled tokens' log-probabilities: they go out with the next text (or at the end)."""
+        self._pending_logprobs.extend(logprobs)
+
     def _emit_text(self, piece: str) -> None:
         self._pending.append(piece)
         now = time.perf_counter()
@@ -107,6 +114,9 @@ class Generation:
         _hand_off(self._loop, self._queue.put_nowait, item)
 
     def _flush(self, now: float) -> None:
+        if self._pending_logprobs:  # before the text they belong to
+            logprobs, self._pending_logprobs = self._pending_logprobs, []
+            _hand_off(self._loop, self._queue.put_nowait, logprobs)
         if self._pending:
             text, self._pending = "".join(self._pending), []
             _hand_off(self._loop, self._queue.put_nowait, text)
@@ -119,6 +129,8 @@ class Generation:
             item = await self._queue.get()
             if isinstance(item, str):
                 yield item
+            elif isinstance(item, list):
+                self.logprobs.extend(item)
             elif isinstance(item, GenerationResult):
                 self.result = item
                 return
@@ -127,3 +139,9 @@ class Generation:
 
     async def text(self) -> str:
         return "".join([piece async for piece in self])
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The log-probabilities received since the last call (those of the text so far)."""
+        new = self.logprobs[self._unread_logprobs:]
+        self._unread_logprobs = len(self.logprobs)
+        return new

@@ -70,6 +70,10 @@ class LocalVariant:
         return True
 
     @property
+    def logprobs(self) -> bool:
+        return True
+
+    @property
     def starts_at_admission(self) -> bool:
         return False  # it waits for its CPU slot inside the response
 

@@ -117,6 +117,10 @@ class RemoteVariant:
         return False  # feeding a prefix mid-answer needs token-level control of the decoder
 
     @property
+    def logprobs(self) -> bool:
+        return False  # not passed through from the upstream (yet)
+
+    @property
     def starts_at_admission(self) -> bool:
         return True  # before the response begins: if it does not take the request, re-route
 

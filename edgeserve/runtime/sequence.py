@@ -43,6 +43,19 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # log-probabilities of each sampled token and of this many most likely ones (None: none)
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model (the softmax of its raw logits, before
+    temperature and the other sampling filters, as OpenAI reports them) and the `top` most likely
+    tokens at that point, most likely first; tokens as their bytes."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,6 +167,7 @@ class Sequence:
         self.cache_n = max(0, min(cache_n, len(prompt) - 1))
         self.n_past = self.cache_n  # positions of this sequence already in the KV cache
         self.pieces: list[str] = []
+        self.logprobs: list[TokenLogprob] = []  # of the tokens sampled since the last drain
         self.finish: Finish | None = None
         self.n_generated = 0
         self.prompt_ms = 0.0
@@ -246,7 +260,7 @@ class Sequence:
         return step
 
     def on_token(self, token: int, piece: bytes, *, eog: bool, now: float, batch: int = 1,
-                 same_step: bool = False) -> None:
+                 same_step: bool = False, logprob: TokenLogprob | None = None) -> None:
         """The token sampled after the last input; `piece` its bytes, `eog` whether it ends
         generation, `batch` how many sequences the step decoded. `same_step`: a further token of
         the step that gave the previous one (speculative decoding: an accepted draft, fed
@@ -267,6 +281,8 @@ class Sequence:
             self.end("stop")
             return
         self.n_generated += 1
+        if logprob is not None:
+            self.logprobs.append(logprob)
         self._pending = [token]
         text = self._utf8.decode(piece)
         closed = False
@@ -326,6 +342,11 @@ class Sequence:
         """The text pieces produced since the last drain."""
         pieces, self.pieces = self.pieces, []
         return pieces
+
+    def drain_logprobs(self) -> list[TokenLogprob]:
+        """The sampled tokens' log-probabilities since the last drain (asked for, else none)."""
+        logprobs, self.logprobs = self.logprobs, []
+        return logprobs
 
     def result(self) -> GenerationResult:
         if self.finish is None:

@@ -51,9 +51,10 @@ def lossless_greedy(sampling: SamplingParams) -> bool:
 
 def speculable(sampling: SamplingParams) -> bool:
     """Whether drafts can be checked without changing the output distribution: any sampling
-    without repetition penalties (greedy by argmax, sampling by the rejection rule)."""
+    without repetition penalties (greedy by argmax, sampling by the rejection rule). A request
+    that wants log-probabilities is decoded by the target alone too (they come with its sampling)."""
     return (sampling.repeat_penalty == 1.0 and sampling.presence_penalty == 0.0
-            and sampling.frequency_penalty == 0.0)
+            and sampling.frequency_penalty == 0.0 and sampling.logprobs is None)
 
 
 class SpeculativeDecoder:
@@ -108,6 +109,9 @@ class SpeculativeDecoder:
 
     def drafted(self, seq_id: int) -> int:
         return self._drafted.get(seq_id, 0)
+
+    def logprobs(self, seq_id: int) -> tuple[float, list[tuple[int, float]]] | None:
+        return self.target.logprobs(self._t(seq_id))
 
     def close(self) -> None:
         """Nothing of its own to free: the two decoders belong to their variants' runners."""

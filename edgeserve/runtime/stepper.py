@@ -57,6 +57,7 @@ from edgeserve.runtime.sequence import (
     GenerationResult,
     SamplingParams,
     Sequence,
+    TokenLogprob,
     check_prompt,
     common_prefix,
 )
@@ -82,6 +83,7 @@ class StepDecoder(Protocol):
     def step(self, entries: Seq[BatchEntry]) -> dict[int, list[int]]: ...
     def keep(self, seq_id: int, n_tokens: int) -> None: ...
     def drafted(self, seq_id: int) -> int: ...
+    def logprobs(self, seq_id: int) -> tuple[float, list[tuple[int, float]]] | None: ...
     def token_piece(self, token: int, *, special: bool = False) -> bytes: ...
     def is_eog(self, token: int) -> bool: ...
 
@@ -620,6 +622,7 @@ class Stepper:
             self._hand_tokens(lane, work, sampled[place.seq_id], now, width)
             if seq.forced:
                 decoder.accept(place.seq_id, seq.forced)
+            work.generation._emit_logprobs(seq.drain_logprobs())
             for piece in seq.drain():
                 work.generation._emit_text(piece)
             if work.fail_after_first:
@@ -651,7 +654,7 @@ class Stepper:
                 step = seq.take_input(1)  # the previous token, fed already in this step
                 place.tokens.extend(step.tokens)
             seq.on_token(token, decoder.token_piece(token), eog=decoder.is_eog(token), now=now, batch=width,
-                         same_step=i > 0)
+                         same_step=i > 0, logprob=_logprob(decoder, place.seq_id, token) if i == 0 else None)
         if len(tokens) > 1:
             decoder.keep(place.seq_id, len(place.tokens))
 
@@ -678,6 +681,7 @@ class Stepper:
         if error is not None or seq is None:
             work.generation._emit_end(error or RuntimeError("the sequence never started"))
             return
+        work.generation._emit_logprobs(seq.drain_logprobs())
         for piece in seq.drain():
             work.generation._emit_text(piece)
         result = seq.result()
@@ -687,6 +691,16 @@ class Stepper:
         if work.joined is not None:
             result.queue_ms = (work.joined - work.submitted) * 1000
         work.generation._emit_end(result)
+
+
+def _logprob(decoder: StepDecoder, seq_id: int, token: int) -> TokenLogprob | None:
+    """The sampled token's log-probabilities, if its request asked for them, with tokens as bytes."""
+    found = decoder.logprobs(seq_id)
+    if found is None:
+        return None
+    logprob, top = found
+    return TokenLogprob(decoder.token_piece(token, special=True), logprob,
+                        tuple((decoder.token_piece(t, special=True), lp) for t, lp in top))
 
 
 def _decoding_step_s(profile: CostProfile, decoding: list[Work]) -> float:

@@ -83,6 +83,10 @@ class Variant(Protocol):
         """Whether it can feed the forced-answer prefix mid-generation (needs token control)."""
 
     @property
+    def logprobs(self) -> bool:
+        """Whether it returns the sampled tokens' log-probabilities when a request asks."""
+
+    @property
     def starts_at_admission(self) -> bool:
         """True when `start` does not wait here (a remote: it only waits for the upstream to
         accept): the pipeline then starts it before the response begins, so that a refusal can

@@ -241,6 +241,50 @@ def test_text_completion_streaming(client: openai.OpenAI, model: str) -> None:
     assert text == alone.choices[0].text
 
 
+def check_chat_logprobs(content: list[Any], text: str, top: int) -> None:
+    """Greedy: each sampled token is the most likely one, so its logprob is the top one's."""
+    assert "".join(item.token for item in content) == text
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == top
+        assert item.top_logprobs[0].token == item.token
+        assert item.top_logprobs[0].logprob == pytest.approx(item.logprob)
+        assert [t.logprob for t in item.top_logprobs] == sorted((t.logprob for t in item.top_logprobs), reverse=True)
+        assert bytes(item.bytes).decode("utf-8", "replace") == item.token
+
+
+def test_chat_logprobs_streamed_or_not(client: openai.OpenAI) -> None:
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name a colour."}]
+    reply = client.chat.completions.create(model=FAMILY, messages=messages, max_tokens=12, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    choice = reply.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    assert reply.usage is not None and len(choice.logprobs.content) == reply.usage.completion_tokens
+    check_chat_logprobs(choice.logprobs.content, choice.message.content or "", 3)
+    stream = client.chat.completions.create(model=FAMILY, messages=messages, max_tokens=12, temperature=0,
+                                            logprobs=True, top_logprobs=2, stream=True)
+    text, content = "", []
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            if chunk.choices[0].logprobs is not None and chunk.choices[0].logprobs.content:
+                content += chunk.choices[0].logprobs.content
+    check_chat_logprobs(content, text, 2)
+    plain = client.chat.completions.create(model=FAMILY, messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_text_completion_logprobs(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=VARIANTS[0], prompt="The sky is", max_tokens=8, temperature=0,
+                                      logprobs=2)
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None and logprobs.token_logprobs is not None
+    assert "".join(logprobs.tokens) == reply.choices[0].text
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    assert logprobs.top_logprobs is not None
+    for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert len(top) <= 2 and max(top.values()) == pytest.approx(value) and top.get(token) == pytest.approx(value)
+
+
 def test_budget_is_capped_by_the_context(server: Server) -> None:
     """A max_tokens far beyond the context is accepted, and the budget the server reports
     leaves room for the prompt in the 2048-token context."""

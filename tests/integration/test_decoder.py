@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -219,3 +220,14 @@ def test_a_sequence_id_reused_for_a_prompt_with_the_same_prefix_keeps_that_prefi
     decoder.free_sequence(0)
     assert decoder.n_past(0) == 0
     assert tokens == expected
+
+
+def test_logprobs_are_the_log_softmax_of_the_raw_logits() -> None:
+    from edgeserve.runtime.decoder import _logprobs_of
+
+    logits = np.array([1.0, 3.0, 2.0, 0.0], dtype=np.float32)
+    expected = logits - np.log(np.exp(logits).sum())
+    chosen, top = _logprobs_of(logits, 2, 2)
+    assert chosen == pytest.approx(expected[2])
+    assert [t for t, _ in top] == [1, 2] and [v for _, v in top] == pytest.approx([expected[1], expected[2]])
+    assert _logprobs_of(logits, 0, 0)[1] == [] and len(_logprobs_of(logits, 0, 9)[1]) == 4

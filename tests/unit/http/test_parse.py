@@ -273,8 +273,6 @@ TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"typ
     ("tool_choice", {"type": "function", "function": {"name": "get_time"}}),
     ("functions", [TOOL["function"]]),
     ("function_call", "auto"),
-    ("logprobs", True),
-    ("top_logprobs", 3),
     ("logit_bias", {"50256": -100}),
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
@@ -297,10 +295,20 @@ def test_harmless_values_and_fields_are_accepted(fields: dict[str, Any]) -> None
     parse_chat(chat_body(**fields))
 
 
-@pytest.mark.parametrize("field,value", [("logprobs", 2), ("suffix", "The end."), ("best_of", 3),
+@pytest.mark.parametrize("field,value", [("suffix", "The end."), ("best_of", 3),
                                          ("logit_bias", {"1": 5})])
 def test_completion_fields_that_would_be_ignored_are_refused_by_name(field: str, value: Any) -> None:
     with pytest.raises(InvalidRequestError) as info:
         parse_completion(completion_body(**{field: value}))
     assert info.value.param == field and info.value.code == "unsupported_parameter"
     parse_completion(completion_body(best_of=1, user="u1"))
+
+
+def test_logprobs_become_the_sampling_s_count_of_alternatives() -> None:
+    assert parse_chat(chat_body(logprobs=True, top_logprobs=3))[1].sampling.logprobs == 3
+    assert parse_chat(chat_body(logprobs=True))[1].sampling.logprobs == 0
+    assert parse_chat(chat_body(logprobs=False))[1].sampling.logprobs is None
+    assert parse_completion(completion_body(logprobs=2))[1].sampling.logprobs == 2
+    error = chat_error(chat_body(top_logprobs=2))
+    assert error.param == "top_logprobs" and "logprobs: true" in error.message
+    assert chat_error(chat_body(logprobs=True, top_logprobs=21)).param == "top_logprobs"

@@ -81,6 +81,10 @@ class FakeVariant:
         return not self.remote
 
     @property
+    def logprobs(self) -> bool:
+        return not self.remote
+
+    @property
     def starts_at_admission(self) -> bool:
         return self.remote
 

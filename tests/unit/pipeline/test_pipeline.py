@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from edgeserve.errors import (
+    EdgeserveError,
     GenerationFailedError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -23,6 +24,7 @@ from edgeserve.pipeline import InferenceRequest, Pipeline
 from edgeserve.pipeline.record import log_fields
 from edgeserve.routing.batching import SeqLoad
 from edgeserve.routing.policy_file import PolicyFile, parse_policy
+from edgeserve.runtime.sequence import SamplingParams
 from edgeserve.variant_id import VariantId
 from tests.unit.pipeline.fakes import FakeLoop, FakeVariant, Script, Sink, catalog, models
 
@@ -295,3 +297,16 @@ async def test_cut_short_stops_what_runs_and_refuses_what_waits(tmp_path: Path) 
     while run.result is None and time.perf_counter() - started < 1:
         await asyncio.sleep(0.005)
     assert run.result is not None and run.result.finish == "cancelled"
+
+
+async def test_a_request_for_logprobs_is_not_routed_to_a_remote(tmp_path: Path) -> None:
+    with_cloud = (POLICY % (b"fam", b"0.1", b"0.3", b"0.2", b"0.5")
+                  + b"[curves.cloud.boxed]\nbudgets = [32, 256]\naccuracy = [0.6, 0.9]\n")
+    pipeline, _ = world(tmp_path, remote=True, policies={"fam": parse_policy(with_cloud, "fam.toml")})
+    plain = await pipeline.admit(ask(max_tokens=64))
+    assert str(plain.variant_id) == "fam:cloud"  # the best curve
+    wanting = await pipeline.admit(ask(max_tokens=64, sampling=SamplingParams(temperature=0.0, logprobs=2)))
+    assert str(wanting.variant_id) == "fam:q8_0"
+    with pytest.raises(EdgeserveError) as refused:  # pinned to the remote: refused, not answered without them
+        await pipeline.admit(ask(model="fam:cloud", max_tokens=64, sampling=SamplingParams(logprobs=0)))
+    assert "log-probabilities" in refused.value.message

@@ -77,6 +77,9 @@ class FakeDecoder:
     def drafted(self, seq_id: int) -> int:
         return 0
 
+    def logprobs(self, seq_id: int) -> tuple[float, list[tuple[int, float]]] | None:
+        return None
+
     def token_piece(self, token: int, *, special: bool = False) -> bytes:
         return f"{token} ".encode()
 
