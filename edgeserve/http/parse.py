@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Literal, TypeVar
 
 import msgspec
@@ -10,6 +11,7 @@ import msgspec
 from edgeserve.errors import InvalidRequestError
 from edgeserve.http.schemas import ChatCompletionRequest, CompletionRequest
 from edgeserve.pipeline.request import InferenceRequest
+from edgeserve.runtime.json_closer import json_object_grammar
 from edgeserve.runtime.sequence import SamplingParams
 
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
@@ -84,9 +86,9 @@ def refuse_unsupported(wire: ChatCompletionRequest | CompletionRequest) -> None:
         if wire.best_of not in (None, 1):
             raise _unsupported("best_of", "one completion is generated per request")
         return
-    if wire.response_format is not None and wire.response_format.get("type") != "text":
-        raise _unsupported("response_format", "structured output (JSON mode, JSON schema) is not enforced yet; "
-                           "only {\"type\": \"text\"} is accepted")
+    if wire.response_format is not None and wire.response_format.get("type") not in ("text", "json_object"):
+        raise _unsupported("response_format", "a JSON schema is not enforced yet; {\"type\": \"json_object\"} "
+                           "(any JSON object) and {\"type\": \"text\"} are")
     if wire.tools:
         raise _unsupported("tools", "tool calls are not parsed for any model it serves (their chat templates "
                            "have no tool support)")
@@ -114,12 +116,17 @@ def parse_chat(body: bytes) -> tuple[ChatCompletionRequest, InferenceRequest]:
         for m in wire.messages
     ]
     max_tokens = wire.max_completion_tokens if wire.max_completion_tokens is not None else wire.max_tokens
+    structured = wire.response_format is not None and wire.response_format.get("type") == "json_object"
+    sampling = _sampling(wire)
+    if structured:
+        sampling = replace(sampling, grammar=json_object_grammar())
     request = InferenceRequest(
         model=wire.model,
         messages=messages,
         max_tokens=max_tokens,
-        sampling=_sampling(wire),
+        sampling=sampling,
         stop=tuple(wire.stop_list()),
+        structured=structured,
     )
     return wire, request
 

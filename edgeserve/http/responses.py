@@ -113,6 +113,7 @@ def info_of(ctx: CompletionContext, result: GenerationResult) -> EdgeserveInfo:
         answer_forcing=ctx.admission.job.forcing is not None,
         drafted_tokens=result.drafted_n,
         accepted_tokens=result.accepted_n,
+        structure_closed_early=result.closed_early,
     )
 
 

@@ -75,7 +75,9 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     parallel_tool_calls: bool | None = None  # harmless without tools
-    response_format: Annotated[Json | None, Meta(description=_REFUSED + ' (only {"type": "text"})')] = None
+    response_format: Annotated[Json | None, Meta(
+        description='{"type": "json_object"} (JSON under a grammar, closed if cut short) or {"type": "text"}; '
+                    "json_schema is not supported yet: a 400 names it")] = None
     tools: Annotated[list[Any] | None, Meta(description=_REFUSED + " (an empty list is accepted)")] = None
     tool_choice: Annotated[str | Json | None, Meta(description=_REFUSED + ' ("none" is accepted)')] = None
     functions: Annotated[list[Any] | None, Meta(description=_REFUSED)] = None
@@ -146,6 +148,9 @@ class EdgeserveInfo(msgspec.Struct):
     answer_forcing: bool = False  # whether the answer was forced when the budget or time ran short
     drafted_tokens: int = 0  # speculative pairs: tokens the draft variant proposed
     accepted_tokens: int = 0  # of which the target agreed with (each saved the target a step)
+    # response_format json_object: the answer ran out of tokens or time inside the JSON and was
+    # finished with the shortest closing that makes it valid (open strings, arrays, objects)
+    structure_closed_early: bool = False
 
 
 class TopLogprob(msgspec.Struct):

@@ -107,10 +107,11 @@ class Admitter:
             prompt = await asyncio.to_thread(_shape, variant, request, chosen_style, decision.hint_tokens, policy)
         if len(prompt.tokens) + 1 > variant.n_ctx:
             raise ContextLengthExceededError(len(prompt.tokens), variant.n_ctx, str(variant.id), request.param)
-        forcing = _forcing(variant, policy) if decision.forcing else None  # chat only: _forcing_choice
+        # chat only (_forcing_choice); never into a JSON answer
+        forcing = _forcing(variant, policy) if decision.forcing and not request.structured else None
         job = GenerationJob(prompt.tokens, min(decision.max_tokens, variant.n_ctx - len(prompt.tokens)),
                             request.sampling, request.stop, deadline_at=request.deadline_at,
-                            forcing=forcing, join_width=decision.join_width)
+                            forcing=forcing, join_width=decision.join_width, structured=request.structured)
         load_ms = next(c.load_ms for c in candidates if c.variant_id == decision.variant_id)
         return Admission(variant, prompt, job, decision, load_ms, _min_run_ms(variant, job, load_ms, policy),
                          chosen_style, variant.reserve(job))
@@ -167,9 +168,14 @@ def _as_requested(variant: Variant, request: InferenceRequest) -> VariantCandida
     """The variant as routing sees it, unavailable when it cannot give what the request asks
     for (log-probabilities from a remote variant)."""
     candidate = variant.candidate()
-    if request.sampling.logprobs is not None and not variant.logprobs and candidate.available:
+    if not candidate.available:
+        return candidate
+    if request.sampling.logprobs is not None and not variant.logprobs:
         return msgspec.structs.replace(candidate, available=False,
                                        unavailable_reason=f"{variant.id} returns no log-probabilities")
+    if request.structured and not variant.answer_forcing:  # the grammar needs the local sampler
+        return msgspec.structs.replace(candidate, available=False,
+                                       unavailable_reason=f"{variant.id} cannot follow a JSON grammar here")
     return candidate
 
 

@@ -23,6 +23,7 @@ class InferenceRequest:
     hint: bool | None = None  # None: the policy's default, when the budget means something
     style: str | None = None  # a prompt style of the family's policy (boxed, aav), `auto`, or none
     answer_forcing: Literal["on", "off", "auto"] | None = None  # None: the policy's setting
+    structured: bool = False  # response_format json_object: JSON under a grammar, closed if cut short
     arrived: float = field(default_factory=time.perf_counter)
 
     @property

@@ -259,6 +259,12 @@ class Decoder:
         penalties and typical-p = 1 are left out: llama.cpp skips them anyway."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         links = []
+        if s.grammar is not None:  # first: only tokens the grammar allows reach the others
+            grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, s.grammar.encode(), b"root")
+            if not grammar:
+                llama_cpp.llama_sampler_free(chain)
+                raise ValueError("the grammar does not parse")
+            links.append(grammar)
         if s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0 or s.presence_penalty != 0.0:
             links.append(llama_cpp.llama_sampler_init_penalties(
                 self.n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))

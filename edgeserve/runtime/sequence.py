@@ -20,6 +20,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Literal
 
+from edgeserve.runtime.json_closer import closing
 from edgeserve.runtime.stops import StopMatcher
 
 Finish = Literal["stop", "length", "deadline", "cancelled"]
@@ -45,6 +46,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # log-probabilities of each sampled token and of this many most likely ones (None: none)
     logprobs: int | None = None
+    grammar: str | None = None  # GBNF the sampled text must follow (llama.cpp's grammar sampler)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class GenerationJob:
     # join the variant's batch only when it holds fewer sequences than this (None: any free
     # place): admission's way to let a newcomer wait instead of slowing requests already running
     join_width: int | None = None
+    # a JSON answer (sampled under a JSON grammar): when it ends before the JSON does (max
+    # tokens, deadline, a stop string), it is finished with the shortest closing (json_closer)
+    structured: bool = False
 
 
 @dataclass
@@ -107,6 +112,7 @@ class GenerationResult:
     prefill_step_ms: float = 0.0  # llama.cpp time of its prompt chunks (no waits between them)
     queue_ms: float = 0.0  # waiting for a place in its variant's batch
     drafted_n: int = 0  # speculative decoding: tokens the draft proposed
+    closed_early: bool = False  # a structured answer cut short and closed into valid JSON
     accepted_n: int = 0  # of which the target agreed with (each saved one target step)
 
 
@@ -168,6 +174,8 @@ class Sequence:
         self.n_past = self.cache_n  # positions of this sequence already in the KV cache
         self.pieces: list[str] = []
         self.logprobs: list[TokenLogprob] = []  # of the tokens sampled since the last drain
+        self._emitted: list[str] = []  # every piece so far (a structured answer's closing needs it)
+        self.closed_early = False
         self.finish: Finish | None = None
         self.n_generated = 0
         self.prompt_ms = 0.0
@@ -292,7 +300,7 @@ class Sequence:
         text = self._maybe_force(text, now)
         released = self._stops.feed(text)
         if released:
-            self.pieces.append(released)
+            self._emit(released)
         if self._stops.stopped or closed:
             self.end("stop")
         elif self.n_generated >= self.max_tokens:
@@ -334,7 +342,16 @@ class Sequence:
         # bytes of an unfinished character go through the stop matcher too: after a stop, none
         tail = self._stops.feed(self._utf8.decode(b"", final=True)) + self._stops.flush()
         if tail and finish != "cancelled":
-            self.pieces.append(tail)
+            self._emit(tail)
+        if self.job.structured and finish != "cancelled":
+            suffix = closing("".join(self._emitted))
+            if suffix:
+                self._emit(suffix)
+                self.closed_early = True
+
+    def _emit(self, text: str) -> None:
+        self.pieces.append(text)
+        self._emitted.append(text)
 
     # ---- output ----------------------------------------------------------------------------
 
@@ -362,4 +379,5 @@ class Sequence:
             prompt_evaluated=min(self.n_past, prompt_n) - self.cache_n,
             cache_n=self.cache_n,
             mean_batch=sum(self._widths) / len(self._widths) if self._widths else 1.0,
+            closed_early=self.closed_early,
         )

@@ -52,9 +52,9 @@ def lossless_greedy(sampling: SamplingParams) -> bool:
 def speculable(sampling: SamplingParams) -> bool:
     """Whether drafts can be checked without changing the output distribution: any sampling
     without repetition penalties (greedy by argmax, sampling by the rejection rule). A request
-    that wants log-probabilities is decoded by the target alone too (they come with its sampling)."""
+    that wants log-probabilities or follows a grammar is decoded by the target alone too."""
     return (sampling.repeat_penalty == 1.0 and sampling.presence_penalty == 0.0
-            and sampling.frequency_penalty == 0.0 and sampling.logprobs is None)
+            and sampling.frequency_penalty == 0.0 and sampling.logprobs is None and sampling.grammar is None)
 
 
 class SpeculativeDecoder:

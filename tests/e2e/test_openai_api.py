@@ -4,6 +4,7 @@ the decision edgeserve reports, model listing, probes, concurrency and client di
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -283,6 +284,47 @@ def test_text_completion_logprobs(client: openai.OpenAI) -> None:
     assert logprobs.top_logprobs is not None
     for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
         assert len(top) <= 2 and max(top.values()) == pytest.approx(value) and top.get(token) == pytest.approx(value)
+
+
+JSON_PROMPTS = ["Describe a cat as JSON with its name and age.", "Give three colours as a JSON object.",
+                "Return a JSON object for a book: title, author, year."]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_json_mode_answers_always_parse(client: openai.OpenAI, temperature: float) -> None:
+    for i, prompt in enumerate(JSON_PROMPTS):
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": prompt}]
+        reply = client.chat.completions.create(model=VARIANTS[i % len(VARIANTS)], messages=messages,
+                                               max_tokens=48, temperature=temperature, seed=i,
+                                               response_format={"type": "json_object"})
+        content = reply.choices[0].message.content or ""
+        assert isinstance(json.loads(content), dict), content
+        info = (reply.model_extra or {})["edgeserve"]
+        assert info["structure_closed_early"] == (info["finish"] != "stop")
+        stream = client.chat.completions.create(model=FAMILY, messages=messages, max_tokens=24, seed=i,
+                                                temperature=temperature, response_format={"type": "json_object"},
+                                                stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert isinstance(json.loads(streamed), dict), streamed
+
+
+def test_a_json_answer_cut_by_its_budget_or_deadline_still_parses(server: Server) -> None:
+    body = {"model": VARIANTS[-1], "messages": [{"role": "user", "content": JSON_PROMPTS[2]}],
+            "response_format": {"type": "json_object"}, "temperature": 0}
+    with server.http() as http:
+        short = http.post("/v1/chat/completions", json={**body, "max_tokens": 5})
+        assert short.status_code == 200, short.text
+        assert json.loads(short.json()["choices"][0]["message"]["content"]) is not None
+        assert short.json()["edgeserve"]["structure_closed_early"] is True
+        for deadline_ms in (300, 600, 1200):
+            tight = http.post("/v1/chat/completions", json={**body, "max_tokens": 400},
+                              headers={"X-Deadline-Ms": str(deadline_ms)})
+            if tight.status_code == 429:  # not even a minimal answer fits: refused, never late
+                continue
+            assert tight.status_code == 200, tight.text
+            info = tight.json()["edgeserve"]
+            assert isinstance(json.loads(tight.json()["choices"][0]["message"]["content"]), dict)
+            assert info["actual_ms"] <= deadline_ms
 
 
 def test_budget_is_capped_by_the_context(server: Server) -> None:

@@ -266,7 +266,6 @@ TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"typ
 
 
 @pytest.mark.parametrize("field,value", [
-    ("response_format", {"type": "json_object"}),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
     ("tools", [TOOL]),
     ("tool_choice", "auto"),
@@ -312,3 +311,10 @@ def test_logprobs_become_the_sampling_s_count_of_alternatives() -> None:
     error = chat_error(chat_body(top_logprobs=2))
     assert error.param == "top_logprobs" and "logprobs: true" in error.message
     assert chat_error(chat_body(logprobs=True, top_logprobs=21)).param == "top_logprobs"
+
+
+def test_json_mode_samples_under_the_json_grammar() -> None:
+    _, request = parse_chat(chat_body(response_format={"type": "json_object"}))
+    assert request.structured and request.sampling.grammar is not None and "root" in request.sampling.grammar
+    _, plain = parse_chat(chat_body(response_format={"type": "text"}))
+    assert not plain.structured and plain.sampling.grammar is None

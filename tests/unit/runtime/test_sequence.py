@@ -362,3 +362,15 @@ def test_tokens_of_one_speculative_step_count_as_one_step_for_the_deadline_pace(
     assert seq.expected_step_s() == pytest.approx(0.2)  # not 0: the pace is per step
     # its timings: one interval per token, the same-step ones 0 ms
     assert seq.token_ms == pytest.approx([200.0, 0.0, 0.0, 200.0, 0.0, 0.0])
+
+
+
+def test_a_structured_answer_cut_short_is_closed_into_json() -> None:
+    import json
+
+    seq = sequence(max_tokens=4, structured=True)
+    text = run(seq, [b'{"a', b'": [1', b', "x', b"y"])
+    assert seq.finish == "length" and seq.closed_early
+    assert json.loads(text) == {"a": [1, "xy"]}
+    whole = sequence(max_tokens=10, structured=True)
+    assert json.loads(run(whole, [b'{"a": 1}', None])) == {"a": 1} and not whole.closed_early
