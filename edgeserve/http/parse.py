@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
 from edgeserve.errors import InvalidRequestError
 from edgeserve.http.schemas import ChatCompletionRequest, CompletionRequest
 from edgeserve.pipeline.request import InferenceRequest
-from edgeserve.runtime.json_closer import json_object_grammar
+from edgeserve.runtime.json_closer import json_object_grammar, json_schema_grammar
 from edgeserve.runtime.sequence import SamplingParams
 
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
@@ -86,9 +86,9 @@ def refuse_unsupported(wire: ChatCompletionRequest | CompletionRequest) -> None:
         if wire.best_of not in (None, 1):
             raise _unsupported("best_of", "one completion is generated per request")
         return
-    if wire.response_format is not None and wire.response_format.get("type") not in ("text", "json_object"):
-        raise _unsupported("response_format", "a JSON schema is not enforced yet; {\"type\": \"json_object\"} "
-                           "(any JSON object) and {\"type\": \"text\"} are")
+    if wire.response_format is not None and wire.response_format.get("type") not in FORMATS:
+        raise InvalidRequestError(f"`response_format.type` must be one of {', '.join(FORMATS)}, got "
+                                  f"{str(wire.response_format.get('type'))[:40]!r}.", param="response_format")
     if wire.tools:
         raise _unsupported("tools", "tool calls are not parsed for any model it serves (their chat templates "
                            "have no tool support)")
@@ -107,6 +107,27 @@ def refuse_unsupported(wire: ChatCompletionRequest | CompletionRequest) -> None:
             raise _unsupported(field, "its models and runtime have no such feature")
 
 
+FORMATS = ("text", "json_object", "json_schema")
+
+
+def _schema_of(response_format: dict[str, Any]) -> dict[str, Any]:
+    """`response_format.json_schema.schema`, a JSON object."""
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("`response_format.json_schema.schema` must be a JSON schema object.",
+                                  param="response_format.json_schema.schema")
+    return schema
+
+
+def _grammar_of(schema: dict[str, Any]) -> str:
+    try:
+        return json_schema_grammar(schema)
+    except ValueError as exc:
+        raise InvalidRequestError(f"{exc}; simplify it (types, properties, required, items, enum).",
+                                  param="response_format.json_schema.schema") from exc
+
+
 def parse_chat(body: bytes) -> tuple[ChatCompletionRequest, InferenceRequest]:
     wire = _decode(_chat_decoder, body)
     refuse_unsupported(wire)
@@ -116,10 +137,12 @@ def parse_chat(body: bytes) -> tuple[ChatCompletionRequest, InferenceRequest]:
         for m in wire.messages
     ]
     max_tokens = wire.max_completion_tokens if wire.max_completion_tokens is not None else wire.max_tokens
-    structured = wire.response_format is not None and wire.response_format.get("type") == "json_object"
+    kind = None if wire.response_format is None else wire.response_format.get("type")
+    structured = kind in ("json_object", "json_schema")
+    schema = _schema_of(wire.response_format) if kind == "json_schema" and wire.response_format else None
     sampling = _sampling(wire)
     if structured:
-        sampling = replace(sampling, grammar=json_object_grammar())
+        sampling = replace(sampling, grammar=json_object_grammar() if schema is None else _grammar_of(schema))
     request = InferenceRequest(
         model=wire.model,
         messages=messages,
@@ -127,6 +150,7 @@ def parse_chat(body: bytes) -> tuple[ChatCompletionRequest, InferenceRequest]:
         sampling=sampling,
         stop=tuple(wire.stop_list()),
         structured=structured,
+        schema=schema,
     )
     return wire, request
 

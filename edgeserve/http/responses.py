@@ -83,8 +83,10 @@ class CompletionContext:
 
 
 def finish_reason(result: GenerationResult) -> FinishReason:
-    """OpenAI knows only `stop` and `length`; the edgeserve object says what really happened."""
-    return "stop" if result.finish == "stop" else "length"
+    """OpenAI knows only `stop` and `length`; the edgeserve object says what really happened. A
+    structured answer closed early is complete JSON: `stop` (clients such as the openai parse
+    helper refuse to parse a `length` one), with `structure_closed_early` and `finish` saying why."""
+    return "stop" if result.finish == "stop" or result.closed_early else "length"
 
 
 def usage_of(result: GenerationResult) -> Usage:

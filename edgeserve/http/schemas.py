@@ -76,8 +76,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     max_completion_tokens: MaxTokens | None = None
     parallel_tool_calls: bool | None = None  # harmless without tools
     response_format: Annotated[Json | None, Meta(
-        description='{"type": "json_object"} (JSON under a grammar, closed if cut short) or {"type": "text"}; '
-                    "json_schema is not supported yet: a 400 names it")] = None
+        description='{"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}: JSON '
+                    'sampled under a grammar, closed into valid JSON if cut short; or {"type": "text"}')] = None
     tools: Annotated[list[Any] | None, Meta(description=_REFUSED + " (an empty list is accepted)")] = None
     tool_choice: Annotated[str | Json | None, Meta(description=_REFUSED + ' ("none" is accepted)')] = None
     functions: Annotated[list[Any] | None, Meta(description=_REFUSED)] = None

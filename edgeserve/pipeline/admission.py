@@ -111,7 +111,8 @@ class Admitter:
         forcing = _forcing(variant, policy) if decision.forcing and not request.structured else None
         job = GenerationJob(prompt.tokens, min(decision.max_tokens, variant.n_ctx - len(prompt.tokens)),
                             request.sampling, request.stop, deadline_at=request.deadline_at,
-                            forcing=forcing, join_width=decision.join_width, structured=request.structured)
+                            forcing=forcing, join_width=decision.join_width, structured=request.structured,
+                            schema=request.schema)
         load_ms = next(c.load_ms for c in candidates if c.variant_id == decision.variant_id)
         return Admission(variant, prompt, job, decision, load_ms, _min_run_ms(variant, job, load_ms, policy),
                          chosen_style, variant.reserve(job))

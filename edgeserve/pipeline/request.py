@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from edgeserve.runtime.sequence import SamplingParams
 
@@ -23,7 +23,8 @@ class InferenceRequest:
     hint: bool | None = None  # None: the policy's default, when the budget means something
     style: str | None = None  # a prompt style of the family's policy (boxed, aav), `auto`, or none
     answer_forcing: Literal["on", "off", "auto"] | None = None  # None: the policy's setting
-    structured: bool = False  # response_format json_object: JSON under a grammar, closed if cut short
+    structured: bool = False  # response_format json_object / json_schema: JSON under a grammar, closed if cut short
+    schema: dict[str, Any] | None = None  # json_schema's schema (None: any JSON object)
     arrived: float = field(default_factory=time.perf_counter)
 
     @property

@@ -18,7 +18,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from edgeserve.runtime.json_closer import closing
 from edgeserve.runtime.stops import StopMatcher
@@ -93,6 +93,7 @@ class GenerationJob:
     # a JSON answer (sampled under a JSON grammar): when it ends before the JSON does (max
     # tokens, deadline, a stop string), it is finished with the shortest closing (json_closer)
     structured: bool = False
+    schema: dict[str, Any] | None = None  # the JSON schema it follows (None: any JSON object)
 
 
 @dataclass
@@ -344,7 +345,7 @@ class Sequence:
         if tail and finish != "cancelled":
             self._emit(tail)
         if self.job.structured and finish != "cancelled":
-            suffix = closing("".join(self._emitted))
+            suffix = closing("".join(self._emitted), self.job.schema)
             if suffix:
                 self._emit(suffix)
                 self.closed_early = True

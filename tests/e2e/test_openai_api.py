@@ -8,12 +8,13 @@ import json
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import openai
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
+from pydantic import BaseModel
 
 from tests.e2e.conftest import FAMILY, VARIANTS, Server
 
@@ -325,6 +326,31 @@ def test_a_json_answer_cut_by_its_budget_or_deadline_still_parses(server: Server
             info = tight.json()["edgeserve"]
             assert isinstance(json.loads(tight.json()["choices"][0]["message"]["content"]), dict)
             assert info["actual_ms"] <= deadline_ms
+
+
+class Pet(BaseModel):
+    kind: str
+    legs: int
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+    colour: Literal["red", "green", "blue"]
+    pets: list[Pet]
+    nickname: str | None
+
+
+def test_the_parse_helper_returns_the_pydantic_object(client: openai.OpenAI) -> None:
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Describe a person who has a cat."}]
+    for max_tokens in (120, 12):  # the second is cut short: closed into a valid Person all the same
+        reply = client.chat.completions.parse(model=FAMILY, messages=messages, response_format=Person,
+                                              max_tokens=max_tokens, temperature=0)
+        person = reply.choices[0].message.parsed
+        assert isinstance(person, Person), reply.choices[0].message.content
+        info = (reply.model_extra or {})["edgeserve"]
+        if max_tokens == 12:
+            assert info["structure_closed_early"] is True
 
 
 def test_budget_is_capped_by_the_context(server: Server) -> None:

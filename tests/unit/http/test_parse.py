@@ -266,7 +266,6 @@ TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"typ
 
 
 @pytest.mark.parametrize("field,value", [
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
     ("tools", [TOOL]),
     ("tool_choice", "auto"),
     ("tool_choice", {"type": "function", "function": {"name": "get_time"}}),
@@ -318,3 +317,20 @@ def test_json_mode_samples_under_the_json_grammar() -> None:
     assert request.structured and request.sampling.grammar is not None and "root" in request.sampling.grammar
     _, plain = parse_chat(chat_body(response_format={"type": "text"}))
     assert not plain.structured and plain.sampling.grammar is None
+
+
+def test_a_json_schema_becomes_its_grammar() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    _, request = parse_chat(chat_body(response_format={"type": "json_schema",
+                                                       "json_schema": {"name": "x", "schema": schema, "strict": True}}))
+    assert request.structured and request.schema == schema
+    assert request.sampling.grammar is not None and '"\\"n\\""' in request.sampling.grammar
+
+
+@pytest.mark.parametrize("response_format,param", [
+    ({"type": "yaml"}, "response_format"),
+    ({"type": "json_schema"}, "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": "no"}}, "response_format.json_schema.schema"),
+])
+def test_a_bad_response_format_is_named(response_format: dict[str, Any], param: str) -> None:
+    assert chat_error(chat_body(response_format=response_format)).param == param

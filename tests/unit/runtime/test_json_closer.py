@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import jsonschema
 import pytest
 
 from edgeserve.runtime.json_closer import closing
@@ -54,3 +55,46 @@ def test_random_documents_close_at_every_prefix() -> None:
 ])
 def test_the_closing_is_the_short_one(prefix: str, suffix: str) -> None:
     assert closing(prefix) == suffix
+
+
+# ---- with a schema: every prefix closes into JSON that validates ---------------------------------
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 2},
+        "age": {"type": "integer", "minimum": 18},
+        "colour": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+        "pet": {"$ref": "#/$defs/Pet"},
+        "nick": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "colour", "tags", "pet", "ok"],
+    "additionalProperties": False,
+    "$defs": {"Pet": {"type": "object", "properties": {"kind": {"const": "cat"}, "legs": {"type": "number"}},
+                      "required": ["kind", "legs"]}},
+}
+PERSON_DOCS = [
+    '{"name": "Ada \\"L\\"", "age": 36, "colour": "green", "tags": ["a", "b", "c"], '
+    '"pet": {"kind": "cat", "legs": 4.5}, "nick": null, "ok": true}',
+    '{"name":"Bo","age":18,"colour":"red","tags":["x","y"],"pet":{"kind":"cat","legs":-1e3},"ok":false}',
+]
+
+
+@pytest.mark.parametrize("doc", PERSON_DOCS)
+def test_every_prefix_closes_into_json_valid_for_the_schema(doc: str) -> None:
+    jsonschema.validate(json.loads(doc), PERSON)  # the documents themselves are valid
+    for end in range(len(doc) + 1):
+        prefix = doc[:end]
+        jsonschema.validate(json.loads(prefix + closing(prefix, PERSON)), PERSON)
+
+
+@pytest.mark.parametrize("prefix,suffix", [
+    ("", '{"name":"aa","age":18,"colour":"red","tags":["",""],"pet":{"kind":"cat","legs":0},"ok":false}'),
+    ('{"name": "A', 'a","age":18,"colour":"red","tags":["",""],"pet":{"kind":"cat","legs":0},"ok":false}'),
+    ('{"name": "Ann", "age": 40, "colour": "gr', 'een","tags":["",""],"pet":{"kind":"cat","legs":0},"ok":false}'),
+    ('{"name": "Ann", "age": 40, "colour": "red", "tags": ["q"', ',""],"pet":{"kind":"cat","legs":0},"ok":false}'),
+])
+def test_missing_required_properties_get_their_shortest_values(prefix: str, suffix: str) -> None:
+    assert closing(prefix, PERSON) == suffix
