@@ -287,6 +287,19 @@ def test_text_completion_logprobs(client: openai.OpenAI) -> None:
         assert len(top) <= 2 and max(top.values()) == pytest.approx(value) and top.get(token) == pytest.approx(value)
 
 
+class Pet(BaseModel):
+    kind: str
+    legs: int
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+    colour: Literal["red", "green", "blue"]
+    pets: list[Pet]
+    nickname: str | None
+
+
 JSON_PROMPTS = ["Describe a cat as JSON with its name and age.", "Give three colours as a JSON object.",
                 "Return a JSON object for a book: title, author, year."]
 
@@ -307,6 +320,11 @@ def test_json_mode_answers_always_parse(client: openai.OpenAI, temperature: floa
                                                 stream=True)
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert isinstance(json.loads(streamed), dict), streamed
+        schema_stream = client.chat.completions.create(
+            model=FAMILY, messages=messages, max_tokens=24, seed=i, temperature=temperature, stream=True,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "person", "schema": Person.model_json_schema()}})
+        Person.model_validate_json("".join(c.choices[0].delta.content or "" for c in schema_stream if c.choices))
 
 
 def test_a_json_answer_cut_by_its_budget_or_deadline_still_parses(server: Server) -> None:
@@ -326,19 +344,6 @@ def test_a_json_answer_cut_by_its_budget_or_deadline_still_parses(server: Server
             info = tight.json()["edgeserve"]
             assert isinstance(json.loads(tight.json()["choices"][0]["message"]["content"]), dict)
             assert info["actual_ms"] <= deadline_ms
-
-
-class Pet(BaseModel):
-    kind: str
-    legs: int
-
-
-class Person(BaseModel):
-    name: str
-    age: int
-    colour: Literal["red", "green", "blue"]
-    pets: list[Pet]
-    nickname: str | None
 
 
 def test_the_parse_helper_returns_the_pydantic_object(client: openai.OpenAI) -> None:
