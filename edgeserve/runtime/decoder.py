@@ -57,6 +57,10 @@ class DecodeError(RuntimeError):
         self.code = code
 
 
+class GrammarError(ValueError):
+    """llama.cpp could not parse a sequence's grammar (SamplingParams.grammar)."""
+
+
 @dataclass(frozen=True)
 class BatchEntry:
     """`tokens` of sequence `seq_id` at positions pos, pos + 1, ...; `logits`: sample a token
@@ -263,7 +267,7 @@ class Decoder:
             grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, s.grammar.encode(), b"root")
             if not grammar:
                 llama_cpp.llama_sampler_free(chain)
-                raise ValueError("the grammar does not parse")
+                raise GrammarError("llama.cpp cannot parse the grammar made for it")
             links.append(grammar)
         if s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0 or s.presence_penalty != 0.0:
             links.append(llama_cpp.llama_sampler_init_penalties(

@@ -36,7 +36,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from edgeserve.errors import RefusedError, ShuttingDownError
+from edgeserve.errors import InvalidRequestError, RefusedError, ShuttingDownError
 from edgeserve.logging import get_logger
 from edgeserve.routing.batching import (
     Board,
@@ -48,7 +48,7 @@ from edgeserve.routing.batching import (
     most_urgent,
 )
 from edgeserve.routing.costs import CostProfile, prefill_ms, step_ms
-from edgeserve.runtime.decoder import BatchEntry
+from edgeserve.runtime.decoder import BatchEntry, GrammarError
 from edgeserve.runtime.faults import InjectedFault
 from edgeserve.runtime.generation import Generation, batched_handoffs
 from edgeserve.runtime.sequence import (
@@ -495,7 +495,14 @@ class Stepper:
             if n > donor_n:
                 donor, donor_n = place, n
         decoder = lane.decoder
-        decoder.new_sequence(own.seq_id, work.job.sampling, keep=own_n)
+        try:
+            decoder.new_sequence(own.seq_id, work.job.sampling, keep=own_n)
+        except GrammarError as exc:  # this request fails, not the loop and the others
+            error = InvalidRequestError(f"The answer's structure cannot be enforced: {exc}; simplify the "
+                                        "JSON schema.", param="response_format")
+            work.generation._emit_joined(error)
+            work.generation._emit_end(error)
+            return
         cached = own_n
         if donor is not None:
             decoder.copy_prefix(donor.seq_id, own.seq_id, donor_n)

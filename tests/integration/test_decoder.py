@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from edgeserve.runtime.decoder import BatchEntry, DecodeError, Decoder
+from edgeserve.runtime.decoder import BatchEntry, DecodeError, Decoder, GrammarError
 from edgeserve.runtime.prepare import PreparedVariant
 from edgeserve.runtime.sequence import GenerationJob, SamplingParams, Sequence
 
@@ -231,3 +231,10 @@ def test_logprobs_are_the_log_softmax_of_the_raw_logits() -> None:
     assert chosen == pytest.approx(expected[2])
     assert [t for t, _ in top] == [1, 2] and [v for _, v in top] == pytest.approx([expected[1], expected[2]])
     assert _logprobs_of(logits, 0, 0)[1] == [] and len(_logprobs_of(logits, 0, 9)[1]) == 4
+
+
+def test_a_grammar_llama_cpp_cannot_parse_is_a_grammar_error(decoder: Decoder) -> None:
+    with pytest.raises(GrammarError):
+        decoder.new_sequence(0, SamplingParams(temperature=0.0, grammar='root ::= ("unclosed'))
+    decoder.new_sequence(0, SamplingParams(temperature=0.0, grammar='root ::= "yes" | "no"'))
+    decoder.free_sequence(0)

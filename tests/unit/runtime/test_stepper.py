@@ -10,9 +10,9 @@ from collections.abc import Iterable, Sequence
 
 import pytest
 
-from edgeserve.errors import GenerationFailedError, RefusedError
+from edgeserve.errors import GenerationFailedError, InvalidRequestError, RefusedError
 from edgeserve.routing.costs import CostProfile
-from edgeserve.runtime.decoder import BatchEntry
+from edgeserve.runtime.decoder import BatchEntry, GrammarError
 from edgeserve.runtime.generation import Generation
 from edgeserve.runtime.sequence import GenerationJob, SamplingParams
 from edgeserve.runtime.stepper import Stepper
@@ -288,6 +288,27 @@ async def test_a_failed_step_fails_its_sequences_and_the_loop_serves_on(stepper:
     decoder.fail_on = None
     fine = submit(stepper, "f:a", job([1, 2, 3], 5))
     assert await fine.text() == expected_text([1, 2, 3], 5)
+
+
+class GrammarlessDecoder(FakeDecoder):
+    """Cannot set up any grammar, as llama.cpp when it cannot parse one."""
+
+    def new_sequence(self, seq_id: int, sampling: SamplingParams, *, keep: int = 0) -> None:
+        if sampling.grammar is not None:
+            raise GrammarError("llama.cpp cannot parse the grammar made for it")
+        super().new_sequence(seq_id, sampling, keep=keep)
+
+
+async def test_a_grammar_that_cannot_be_set_up_fails_its_request_only(stepper: Stepper) -> None:
+    stepper.attach("f:a", GrammarlessDecoder(step_s=0.001), parallel=2)
+    running = submit(stepper, "f:a", job([1, 2], 40))
+    await running.joined
+    bad = GenerationJob([3, 4], 5, SamplingParams(temperature=0.0, grammar="root ::= ("), ignore_eos=True)
+    refused = submit(stepper, "f:a", bad)
+    with pytest.raises(InvalidRequestError) as info:
+        await refused.joined
+    assert info.value.param == "response_format"
+    assert await running.text() == expected_text([1, 2], 40)
 
 
 async def test_board_reports_what_runs_and_waits(stepper: Stepper) -> None:
