@@ -16,7 +16,6 @@ llama.cpp processes on these cores).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from edgeserve.runtime.decoder import BatchEntry, Decoder
 from edgeserve.runtime.sequence import SamplingParams
+from edgeserve.tools.eval.dataset import load_problems
 
 GREEDY = SamplingParams(temperature=0.0)
 INSTRUCTION = "Solve the problem step by step, then give the final answer in \\boxed{}."
@@ -95,8 +95,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     lengths = [int(k) for k in args.draft_lengths.split(",")]
-    with args.questions.open() as lines:
-        questions = [json.loads(line)["question"] for line, _ in zip(lines, range(args.limit), strict=False)]
+    questions = [problem.question for problem in load_problems(args.questions, args.limit)]
 
     with Decoder(args.target, n_ctx=2048, n_threads=args.threads) as target:
         prompts = [chat_tokens(target, q) for q in questions]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from edgeserve.runtime.pair_runner import PairRunner
 from edgeserve.runtime.runner import LlamaRunner
 from edgeserve.runtime.sequence import GenerationJob, SamplingParams
 from edgeserve.runtime.stepper import Stepper
+from edgeserve.tools.eval.dataset import load_problems
 
 GREEDY = SamplingParams(temperature=0.0)
 INSTRUCTION = "Solve the problem step by step, then give the final answer in \\boxed{}."
@@ -72,8 +72,7 @@ async def run(args: argparse.Namespace) -> None:
     lengths = [int(k) for k in args.draft_lengths.split(",")]
     widths = [int(c) for c in args.concurrency.split(",")]
     parallel = max(widths)
-    with args.questions.open() as lines:
-        questions = [json.loads(line)["question"] for line, _ in zip(lines, range(args.limit), strict=False)]
+    questions = [problem.question for problem in load_problems(args.questions, args.limit)]
     stepper = Stepper(chunk_tokens=64)
     config = VariantConfig(name="target", path=str(args.target), n_ctx=args.n_ctx, parallel=parallel,
                            n_threads=args.threads)

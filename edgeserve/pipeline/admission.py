@@ -171,10 +171,10 @@ def _as_requested(variant: Variant, request: InferenceRequest) -> VariantCandida
     candidate = variant.candidate()
     if not candidate.available:
         return candidate
-    if request.sampling.logprobs is not None and not variant.logprobs:
+    if request.sampling.logprobs is not None and not variant.samples_here:
         return msgspec.structs.replace(candidate, available=False,
                                        unavailable_reason=f"{variant.id} returns no log-probabilities")
-    if request.structured and not variant.answer_forcing:  # the grammar needs the local sampler
+    if request.structured and not variant.samples_here:
         return msgspec.structs.replace(candidate, available=False,
                                        unavailable_reason=f"{variant.id} cannot follow a JSON grammar here")
     return candidate

@@ -70,7 +70,7 @@ class LocalVariant:
         return True
 
     @property
-    def logprobs(self) -> bool:
+    def samples_here(self) -> bool:
         return True
 
     @property

@@ -117,8 +117,8 @@ class RemoteVariant:
         return False  # feeding a prefix mid-answer needs token-level control of the decoder
 
     @property
-    def logprobs(self) -> bool:
-        return False  # not passed through from the upstream (yet)
+    def samples_here(self) -> bool:
+        return False  # the upstream samples: no log-probabilities or grammar of ours
 
     @property
     def starts_at_admission(self) -> bool:

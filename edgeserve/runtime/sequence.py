@@ -175,7 +175,7 @@ class Sequence:
         self.n_past = self.cache_n  # positions of this sequence already in the KV cache
         self.pieces: list[str] = []
         self.logprobs: list[TokenLogprob] = []  # of the tokens sampled since the last drain
-        self._emitted: list[str] = []  # every piece so far (a structured answer's closing needs it)
+        self._emitted: list[str] = []  # every piece so far, for a structured answer's closing
         self.closed_early = False
         self.finish: Finish | None = None
         self.n_generated = 0
@@ -352,7 +352,8 @@ class Sequence:
 
     def _emit(self, text: str) -> None:
         self.pieces.append(text)
-        self._emitted.append(text)
+        if self.job.structured:
+            self._emitted.append(text)
 
     # ---- output ----------------------------------------------------------------------------
 

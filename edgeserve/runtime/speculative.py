@@ -250,10 +250,9 @@ class SpeculativeDecoder:
         sequences the distribution each was drawn from. The first draft step also feeds what the
         draft's KV lacks (the prompt, accepted tokens it did not feed itself); each later one
         feeds one token per sequence."""
-        drafts: dict[int, list[int]] = {}
         probs: dict[int, list[np.ndarray]] = {}
         if not lengths:
-            return drafts, probs
+            return {}, probs
         draft = self.draft
         room = max(1, draft.n_batch // len(lengths))
         first: list[BatchEntry] = []
@@ -270,16 +269,13 @@ class SpeculativeDecoder:
                 draft_held.extend(chunk)
             first.append(BatchEntry(self._d(seq_id), missing, len(draft_held)))
             draft_held.extend(missing)
-        entries = first
-        while entries:
-            out = draft.step(entries)
-            for entry in entries:
-                seq_id = entry.seq_id - self._draft_first
-                if len(entry.tokens) == 1 and seq_id in drafts:
-                    self._draft_held[seq_id].append(entry.tokens[0])
-                drafts.setdefault(seq_id, []).append(self._drawn(seq_id, out[entry.seq_id][0], probs))
-            going = [s for s in lengths if len(drafts[s]) < lengths[s] and not draft.is_eog(drafts[s][-1])]
-            entries = [BatchEntry(self._d(s), [drafts[s][-1]], len(self._draft_held[s])) for s in going]
+        out = draft.step(first)
+        drafts = {s: [self._drawn(s, out[self._d(s)][0], probs)] for s in lengths}
+        while going := [s for s in lengths if len(drafts[s]) < lengths[s] and not draft.is_eog(drafts[s][-1])]:
+            out = draft.step([BatchEntry(self._d(s), [drafts[s][-1]], len(self._draft_held[s])) for s in going])
+            for seq_id in going:
+                self._draft_held[seq_id].append(drafts[seq_id][-1])
+                drafts[seq_id].append(self._drawn(seq_id, out[self._d(seq_id)][0], probs))
         return drafts, probs
 
     def _drawn(self, seq_id: int, greedy: int, probs: dict[int, list[np.ndarray]]) -> int:

@@ -83,8 +83,9 @@ class Variant(Protocol):
         """Whether it can feed the forced-answer prefix mid-generation (needs token control)."""
 
     @property
-    def logprobs(self) -> bool:
-        """Whether it returns the sampled tokens' log-probabilities when a request asks."""
+    def samples_here(self) -> bool:
+        """Whether its tokens are sampled by this server's sampler chain: then it can return their
+        log-probabilities and follow a grammar (structured output)."""
 
     @property
     def starts_at_admission(self) -> bool:

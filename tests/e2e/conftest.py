@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,14 +71,21 @@ class Server:
         return [r for r in self.log_records() if r.get("level") in ("error", "critical")]
 
 
+@contextmanager
+def serving(models: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Server]:
+    """A real `edgeserve serve` of `models`, its JSON log in a temporary folder `name`. The first
+    server of a session calibrates every variant (the profiles are cached in cache_dir): ~30 s on
+    an idle 2-core machine, several times that on a busy one."""
+    log_path = tmp_path_factory.mktemp(name) / "server.log"
+    with running_server(models, cache_dir, log_path=log_path, timeout_s=STARTUP_TIMEOUT_S) as base:
+        yield Server(base, log_path)
+
+
 @pytest.fixture(scope="module")
 def server(prepared: dict[str, PreparedVariant], cache_dir: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log_path = tmp_path_factory.mktemp("edgeserve-e2e") / "server.log"
-    # The first server of a session calibrates every variant (the profiles are cached in
-    # cache_dir): ~30 s on an idle 2-core machine, several times that on a busy one.
-    with running_server(MODELS_TOML, cache_dir, log_path=log_path, timeout_s=STARTUP_TIMEOUT_S) as base:
-        yield Server(base, log_path)
+    with serving(MODELS_TOML, cache_dir, tmp_path_factory, "edgeserve-e2e") as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from edgeserve.runtime.prepare import PreparedVariant
-from tests.e2e.conftest import STARTUP_TIMEOUT_S, TIMEOUT_S, Server
-from tests.e2e.server import running_server
+from tests.e2e.conftest import TIMEOUT_S, Server, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -26,9 +25,8 @@ QUESTIONS = ["What is the capital of France?", "List three prime numbers.",
 @pytest.fixture(scope="module")
 def server(prepared: dict[str, PreparedVariant], cache_dir: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    log_path = tmp_path_factory.mktemp("edgeserve-speculative") / "server.log"
-    with running_server(MODELS, cache_dir, log_path=log_path, timeout_s=STARTUP_TIMEOUT_S) as url:
-        yield Server(url, log_path)
+    with serving(MODELS, cache_dir, tmp_path_factory, "edgeserve-speculative") as started:
+        yield started
 
 
 def chat(server: Server, model: str, question: str) -> dict[str, Any]:

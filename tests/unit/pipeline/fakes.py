@@ -81,7 +81,7 @@ class FakeVariant:
         return not self.remote
 
     @property
-    def logprobs(self) -> bool:
+    def samples_here(self) -> bool:
         return not self.remote
 
     @property
